@@ -1,0 +1,132 @@
+"""The ``expertflow`` torch.compile backend.
+
+Registered through the ``torch_dynamo_backends`` entry point, so after ``pip install``
+``torch.compile(model, backend="expertflow", options={...})`` works without importing
+this package first. Per graph it: parses the options, finds the MoE blocks, checks
+each replacement against the original block on the real first inputs, rewrites the
+blocks that pass, binds them to the model's engine, and hands the graph to the inner
+backend (eager by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from .config import ExpertFlowConfig
+from .passes.match import MoEBlock, find_moe_blocks
+from .passes.report import BlockReport, GraphReport
+from .passes.rewrite import rewrite_moe_block
+from .passes.verify import check_blocks
+from .runtime.engine import ExpertEngine, LayerPlan, engine_for_tensor
+
+__all__ = ["expertflow_backend", "compile_graph"]
+
+log = logging.getLogger("expertflow_compile")
+_GRAPH_COUNTER = [0]
+_SINKS: list[Callable[[GraphReport], None]] = []
+
+
+def _current_sink() -> Callable[[GraphReport], None] | None:
+    return _SINKS[-1] if _SINKS else None
+
+
+@contextlib.contextmanager
+def collect_reports(sink: Callable[[GraphReport], None]):
+    """Send the report of every graph compiled inside the block to ``sink``."""
+    _SINKS.append(sink)
+    try:
+        yield
+    finally:
+        _SINKS.remove(sink)
+
+
+def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, object]:
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(phs, example_inputs))
+
+
+def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig) -> ExpertEngine:
+    """The model's engine: the one already serving these weights if its options match."""
+    for b in blocks:
+        eng = engine_for_tensor(values.get(b.up_weight))
+        if eng is not None and eng.config.key() == config.key():
+            return eng
+    return ExpertEngine(config)
+
+
+def _prediction_width(blocks: list[MoEBlock], config: ExpertFlowConfig) -> int:
+    widest = max((b.top_k for b in blocks), default=1)
+    return max(1, config.lookahead_depth * (widest + config.prefetch_extra))
+
+
+def compile_graph(
+    gm: fx.GraphModule, example_inputs: list, config: ExpertFlowConfig,
+    report_sink: Callable[[GraphReport], None] | None = None,
+) -> tuple[fx.GraphModule, GraphReport, ExpertEngine | None]:
+    """Run the expertflow passes on ``gm`` in place; returns (gm, report, engine)."""
+    _GRAPH_COUNTER[0] += 1
+    report = GraphReport(index=_GRAPH_COUNTER[0])
+    result = find_moe_blocks(gm)
+    values = _placeholder_values(gm, example_inputs)
+    checks = check_blocks(gm, example_inputs, result.blocks, values) if config.verify else {}
+    good = [b for i, b in enumerate(result.blocks) if checks.get(i) is None or checks[i].ok]
+    engine = _engine_for(good, values, config) if good else None
+    width = _prediction_width(good, config)
+    for i, block in enumerate(result.blocks):
+        check = checks.get(i)
+        entry = BlockReport(
+            layer=block.layer, where=block.scope, rewritten=False, routing=block.routing,
+            dispatch=block.dispatch, layout=block.layout, activation=block.activation,
+            num_experts=block.num_experts, top_k=block.top_k,
+            params=[str(p.target) for p in block.params()],
+            check=("not checked (verify=False)" if check is None else
+                   check.note or f"matches the original block: max |diff| {check.max_abs_diff:.3g} "
+                                 f"<= {check.tolerance:.3g}"),
+        )
+        if check is not None and not check.ok:
+            entry.reason = (f"{check.note} (max |diff| {check.max_abs_diff:.3g} > {check.tolerance:.3g}); "
+                            "left as it was")
+            report.blocks.append(entry)
+            log.warning("expertflow: layer %s left untouched: %s", block.layer, entry.reason)
+            continue
+        plan = LayerPlan(
+            layer=block.layer, num_experts=block.num_experts, top_k=block.top_k,
+            hidden_size=block.hidden_size, math=block.math, rows_dtype=block.rows_dtype,
+            out_features=block.out_features, has_up_bias=block.up_bias is not None,
+            has_down_bias=block.down_bias is not None,
+        )
+        engine.register_layer(plan, [values.get(p) for p in block.params()])
+        rewrite_moe_block(gm, block, engine.id, width)
+        entry.rewritten = True
+        report.blocks.append(entry)
+    for u in result.unmatched:
+        report.blocks.append(BlockReport(layer=u.layer, where=u.where, rewritten=False, reason=u.reason))
+    gm.graph.lint()
+    gm.recompile()
+    report.code = gm.code
+    report.num_nodes = len(gm.graph.nodes)
+    if engine is not None:
+        engine.graph_reports.append(report)
+        engine.on_graph_compiled(values)
+    if report_sink is not None:
+        report_sink(report)
+    return gm, report, engine
+
+
+def expertflow_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs):
+    """The torch.compile backend (``backend="expertflow"``)."""
+    if kwargs:
+        raise ValueError(f"unexpected arguments to the expertflow backend: {sorted(kwargs)}; pass "
+                         f"options=dict(...) with keys {ExpertFlowConfig.valid_keys()}")
+    config = ExpertFlowConfig.from_options(options)
+    gm, _, _ = compile_graph(gm, example_inputs, config, _current_sink())
+    if config.inner_backend == "eager":
+        return gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(config.inner_backend)(gm, example_inputs)

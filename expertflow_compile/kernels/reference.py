@@ -1,0 +1,97 @@
+"""The torch reference implementation of one layer's routed experts.
+
+This is the CPU path of ``expertflow::grouped_gemm`` and the reference the Triton
+kernels are tested against. It follows Hugging Face's own expert math step by step
+(up projection, optional bias, the family's gating function, down projection,
+optional bias, optional post-expert function, routing-weight multiply, combine
+over top-k in token order) so that results match the uncompiled model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ExpertMath", "expert_forward", "combine_topk"]
+
+
+@dataclass(frozen=True)
+class ExpertMath:
+    """How one MoE layer's experts compute, as recovered from the graph.
+
+    ``up_transposed``/``down_transposed``: the stored weight is [in, out] per expert
+    (GPT-OSS) rather than the usual [out, in]. ``gate_fn`` maps the up projection's
+    output [S, N_up] to [S, I] exactly as the model does (SiLU/GELU gating, GPT-OSS's
+    clamped SwiGLU, a plain activation, ...). ``post_fn`` runs on the down projection's
+    output before the routing weight (None for most families).
+    """
+
+    up_transposed: bool
+    down_transposed: bool
+    gate_fn: Callable[[torch.Tensor], torch.Tensor]
+    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return x @ (w if transposed else w.transpose(-2, -1))
+
+
+def expert_forward(
+    x: torch.Tensor,
+    weights: Mapping[str, torch.Tensor],
+    math: ExpertMath,
+) -> torch.Tensor:
+    """One expert on its rows ``x`` [S, H]; ``weights`` holds up/down (+ biases) of that expert."""
+    up = weights["up"]
+    h = _linear(x.to(up.dtype), up, math.up_transposed)
+    if weights.get("up_bias") is not None:
+        h = h + weights["up_bias"]
+    h = math.gate_fn(h)
+    down = weights["down"]
+    y = _linear(h.to(down.dtype), down, math.down_transposed)
+    if weights.get("down_bias") is not None:
+        y = y + weights["down_bias"]
+    if math.post_fn is not None:
+        y = math.post_fn(y)
+    return y
+
+
+def combine_topk(
+    expert_rows: torch.Tensor,
+    topk_weights: torch.Tensor,
+    order: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Weight the expert outputs (rows in ``order``) and sum them per token.
+
+    Mirrors HF: multiply by the routing weight, restore (token, k) order, sum over k.
+    """
+    num_tokens, top_k = topk_weights.shape
+    weighted = expert_rows * topk_weights.reshape(-1)[order].unsqueeze(-1)
+    unsorted = torch.empty_like(weighted)
+    unsorted[order] = weighted
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(out_dtype)
+
+
+def grouped_experts_reference(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    order: torch.Tensor,
+    offsets: Iterable[int],
+    expert_weights: Callable[[int], Mapping[str, torch.Tensor]],
+    math: ExpertMath,
+    out_features: int,
+    rows_dtype: torch.dtype,
+) -> torch.Tensor:
+    """All experts of a layer with every expert's weights from ``expert_weights(e)``."""
+    offs = list(offsets)
+    top_k = topk_weights.shape[-1]
+    rows = hidden[order // top_k]
+    out_rows = torch.zeros(rows.shape[0], out_features, dtype=rows_dtype, device=hidden.device)
+    for e in range(len(offs) - 1):
+        start, end = offs[e], offs[e + 1]
+        if start < end:
+            out_rows[start:end] = expert_forward(rows[start:end], expert_weights(e), math)
+    return combine_topk(out_rows, topk_weights, order, hidden.dtype)

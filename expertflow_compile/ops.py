@@ -1,0 +1,109 @@
+"""The ``expertflow::*`` custom ops that rewritten graphs call.
+
+Each op is a ``torch.library.custom_op`` with a fake implementation, so graphs that
+contain them can be traced with fake tensors (Dynamo, AOTAutograd, inductor). The
+ops look up the per-model :class:`~expertflow_compile.runtime.engine.ExpertEngine`
+by the integer ``engine_id`` baked into the graph, and the MoE layer by ``layer``.
+
+Data flow per MoE block::
+
+    predicted = predict(hidden, engine_id, layer, width)      # expert ids, -1 padded
+    token     = prefetch(predicted, engine_id, layer)          # enqueues loads only
+    order, offsets = permute(topk_ids, num_experts)            # (token, k) pairs by expert
+    out       = grouped_gemm(hidden, topk_weights, order, offsets, token,
+                             w_up, w_down, b_up, b_down, engine_id, layer)
+
+``token`` feeds ``grouped_gemm`` so that dead-code elimination keeps ``prefetch`` and
+the prefetch is issued before the block computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["predict", "prefetch", "permute", "grouped_gemm"]
+
+
+def _engine(engine_id: int):
+    from .runtime.engine import get_engine
+
+    return get_engine(engine_id)
+
+
+@torch.library.custom_op("expertflow::predict", mutates_args=())
+def predict(hidden: torch.Tensor, engine_id: int, layer: int, width: int) -> torch.Tensor:
+    """Expert ids predicted for the coming MoE layers, as an int64 tensor of ``width``
+    entries encoded ``layer * 2**20 + expert`` and padded with -1."""
+    return _engine(engine_id).predict(layer, hidden, width)
+
+
+@predict.register_fake
+def _(hidden, engine_id, layer, width):
+    return hidden.new_empty((width,), dtype=torch.int64)
+
+
+@torch.library.custom_op("expertflow::prefetch", mutates_args=())
+def prefetch(predicted: torch.Tensor, engine_id: int, layer: int) -> torch.Tensor:
+    """Enqueue asynchronous loads of the predicted experts; returns a 1-element token."""
+    _engine(engine_id).prefetch(layer, predicted)
+    return torch.zeros(1, dtype=torch.uint8, device=predicted.device)
+
+
+@prefetch.register_fake
+def _(predicted, engine_id, layer):
+    return predicted.new_empty((1,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("expertflow::permute", mutates_args=())
+def permute(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the flattened (token, k) pairs by expert.
+
+    Returns ``order`` (int64 [T*K]: pair indices grouped by expert, stable within an
+    expert) and ``offsets`` (int64 [E+1]: expert e owns ``order[offsets[e]:offsets[e+1]]``).
+    Ids outside ``[0, num_experts)`` are counted in no expert (they sort to the tail).
+    """
+    flat = topk_ids.reshape(-1)
+    _, order = torch.sort(flat, stable=True)
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+@permute.register_fake
+def _(topk_ids, num_experts):
+    n = topk_ids.numel()
+    return (topk_ids.new_empty((n,), dtype=torch.int64),
+            topk_ids.new_empty((num_experts + 1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("expertflow::grouped_gemm", mutates_args=())
+def grouped_gemm(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    token: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    engine_id: int,
+    layer: int,
+) -> torch.Tensor:
+    """Run the routed experts of one MoE layer and combine them into token order.
+
+    ``hidden`` is [T, H]; ``topk_weights`` [T, K]; ``order``/``offsets`` come from
+    :func:`permute`. The expert weights ``w_up``/``w_down`` (and biases) are the
+    model's own tensors when every expert is resident; when the engine offloads, it
+    reads each expert from its device cache instead and these may be placeholders.
+    """
+    return _engine(engine_id).grouped_gemm(
+        layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down
+    )
+
+
+@grouped_gemm.register_fake
+def _(hidden, topk_weights, order, offsets, token, w_up, w_down, b_up, b_down, engine_id, layer):
+    return torch.empty_like(hidden)

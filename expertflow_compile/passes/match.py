@@ -1,0 +1,478 @@
+"""Find the MoE blocks of a Hugging Face model in Dynamo's FX graph.
+
+``find_moe_blocks(gm) -> MatchResult`` recovers, for every MoE layer whose expert
+dispatch is in the graph:
+
+* the routing outputs (top-k expert ids and weights), whatever math produced them;
+  the routing itself is never rewritten;
+* the dispatch region: the nodes from (hidden, ids, weights) to the combined expert
+  output, which the rewrite replaces;
+* the experts: 3-D weight placeholders, biases, layout (transposed or not) and the
+  family's gating function, extracted from the graph as a small GraphModule.
+
+It works from the graph's structure: 3-D [E, ...] weight placeholders consumed by
+grouped/batched matmuls, a top-k over a router linear with an [E, H] weight, and the
+data flow between them. Dynamo's module-scope metadata only bounds the region; every
+structural fact is re-checked, and anything unexpected leaves the block untouched
+with the reason in ``MatchResult.unmatched``.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..kernels.reference import ExpertMath
+from .fx_utils import (
+    ancestors, call_name, descendants, extract_subgraph, input_nodes_of, is_op, node_value,
+    tensor_meta,
+)
+
+__all__ = ["MoEBlock", "Unmatched", "MatchResult", "find_moe_blocks"]
+
+GEMM_OPS = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback", "bmm", "matmul")
+# ops a weight goes through between its placeholder and a GEMM
+_WEIGHT_VIEW_OPS = ("transpose", "t", "to", "contiguous", "type", "float", "bfloat16", "half", "getitem")
+# ops that keep the identity of a top-k id tensor
+_IDS_VIEW_OPS = ("reshape", "view", "to", "contiguous", "long", "int", "clone", "flatten")
+_INPLACE_ADD = ("method:add_", "operator.iadd")
+
+
+@dataclass
+class MoEBlock:
+    """One matched MoE layer (see the module docstring)."""
+
+    layer: int
+    scope: str
+    hidden: fx.Node
+    topk_ids: fx.Node
+    topk_weights: fx.Node
+    output: fx.Node
+    region: set[fx.Node]
+    up_weight: fx.Node
+    down_weight: fx.Node
+    up_bias: fx.Node | None
+    down_bias: fx.Node | None
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    math: ExpertMath
+    rows_dtype: torch.dtype
+    out_features: int
+    dispatch: str
+    routing: str
+    activation: str
+    router_weight: fx.Node | None = None
+    layout: str = ""
+
+    def params(self) -> list[fx.Node]:
+        return [n for n in (self.up_weight, self.down_weight, self.up_bias, self.down_bias) if n is not None]
+
+
+@dataclass
+class Unmatched:
+    """Something that looks like an MoE layer but was left untouched, and why."""
+
+    layer: int | None
+    where: str
+    reason: str
+
+
+@dataclass
+class MatchResult:
+    blocks: list[MoEBlock] = field(default_factory=list)
+    unmatched: list[Unmatched] = field(default_factory=list)
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _layer_of(*names: str) -> int | None:
+    for name in names:
+        for pat in (r"layers?_modules_(\d+)_", r"layers?\.(\d+)\.", r"layers?_(\d+)_", r"\.(\d+)\."):
+            m = re.search(pat, name)
+            if m:
+                return int(m.group(1))
+    return None
+
+
+def _strip(node, ops) -> fx.Node:
+    """Follow ``node`` back through its first argument while it calls one of ``ops``."""
+    while isinstance(node, fx.Node) and is_op(node, *ops) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _weight_source(arg) -> tuple[fx.Node, bool, bool] | None:
+    """(3-D placeholder, went through a transpose, was indexed by ids) for a GEMM operand."""
+    transposed = indexed = False
+    node = arg
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        if not is_op(node, *_WEIGHT_VIEW_OPS) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        if is_op(node, "transpose", "t"):
+            transposed = not transposed
+        if is_op(node, "getitem"):
+            indexed = True
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    v = tensor_meta(node)
+    if v is None or v.dim() != 3 or not v.is_floating_point():
+        return None
+    return node, transposed, indexed
+
+
+@dataclass
+class _Gemm:
+    node: fx.Node
+    weight: fx.Node
+    weight_transposed_view: bool   # the op saw weight.transpose(-2, -1)
+    activation_operand: fx.Node
+    weight_is_left: bool           # bmm(W, x): W @ x
+
+
+def _find_gemms(graph: fx.Graph) -> list[_Gemm]:
+    gemms = []
+    for n in graph.nodes:
+        if not is_op(n, *GEMM_OPS) or len(n.args) < 2:
+            continue
+        a, b = n.args[0], n.args[1]
+        src_b, src_a = _weight_source(b), _weight_source(a)
+        if src_b is not None and isinstance(a, fx.Node):
+            gemms.append(_Gemm(n, src_b[0], src_b[1], a, False))
+        elif src_a is not None and isinstance(b, fx.Node):
+            gemms.append(_Gemm(n, src_a[0], src_a[1], b, True))
+    return gemms
+
+
+def _is_size(node: fx.Node) -> bool:
+    return isinstance(node_value(node), (int, torch.SymInt)) and not isinstance(node_value(node), bool)
+
+
+def _scope_of(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return str(path)
+
+
+def _in_scope(node: fx.Node, scope: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(str(v[0]) == scope for v in stack.values())
+
+
+def _gemm_output(g: _Gemm) -> fx.Node:
+    """The [S, N] result of a GEMM (bmm results are [S, 1, N] squeezed back)."""
+    node = g.node
+    users = list(node.users)
+    if is_op(node, "bmm", "matmul") and len(users) == 1 and is_op(users[0], "squeeze", "view", "reshape"):
+        return users[0]
+    return node
+
+
+def _gemm_input(g: _Gemm) -> fx.Node:
+    """The [S, K] activation rows fed to a GEMM (bmm's unsqueeze removed)."""
+    x = g.activation_operand
+    if is_op(x, "unsqueeze", "view", "reshape") and isinstance(x.args[0], fx.Node):
+        v, inner = tensor_meta(x), tensor_meta(x.args[0])
+        if v is not None and inner is not None and v.dim() == inner.dim() + 1:
+            return x.args[0]
+    return x
+
+
+def _bias_of(out: fx.Node, region: set[fx.Node]) -> tuple[fx.Node | None, set[fx.Node]]:
+    """An in-place ``out += bias_param[ids]`` on a GEMM result: (bias placeholder, nodes)."""
+    bias, nodes = None, set()
+    for u in out.users:
+        if u in region and call_name(u) in _INPLACE_ADD and u.args[0] is out:
+            sel = u.args[1]
+            if isinstance(sel, fx.Node) and is_op(sel, "getitem") and isinstance(sel.args[0], fx.Node):
+                src = _strip(sel.args[0], ("to", "type"))
+                v = tensor_meta(src)
+                if src.op == "placeholder" and v is not None and v.dim() == 2:
+                    if bias is not None:
+                        raise _NoMatch("two bias additions on one expert projection")
+                    bias, nodes = src, {u, sel}
+                    continue
+            raise _NoMatch(f"in-place add on an expert projection that is not a per-expert bias ({u.name})")
+    return bias, nodes
+
+
+def _segment(start: fx.Node, end: fx.Node, region: set[fx.Node], skip: set[fx.Node]) -> set[fx.Node]:
+    """Nodes on the paths ``start`` -> ``end`` (``end`` included, ``start`` not)."""
+    if end is start:
+        return set()
+    down = descendants([start], limit=region)
+    up = ancestors([end]) | {end}
+    return (down & up) - skip
+
+
+def _extract_fn(start: fx.Node, end: fx.Node, seg: set[fx.Node], what: str):
+    ext = input_nodes_of(seg)
+    bad = [n for n in ext if n is not start]
+    if bad:
+        raise _NoMatch(f"the {what} reads more than the projection output: {[n.name for n in bad]}")
+    return extract_subgraph(seg, [start], end)
+
+
+def _describe_fn(seg: set[fx.Node]) -> str:
+    names = []
+    for n in seg:
+        c = call_name(n).split(".")[-1].replace("method:", "")
+        if c not in ("getitem", "to", "chunk", "float") and c not in names:
+            names.append(c)
+    return "+".join(sorted(names)) or "identity"
+
+
+def _routing_description(ids: fx.Node, weights: fx.Node, router: fx.Node | None) -> str:
+    region = ancestors([ids, weights]) | {ids, weights}
+    if router is not None:
+        region &= descendants([router]) | {router}
+    ops = {call_name(n).split(".")[-1].replace("method:", "") for n in region}
+    topks = sum(1 for n in region if is_op(n, "topk"))
+    parts = ["linear"]
+    if "sigmoid" in ops:
+        parts.append("sigmoid")
+    if "softmax" in ops and not _softmax_after_topk(region):
+        parts.append("softmax")
+    if any(is_op(n, "add") and any(isinstance(a, fx.Node) and a.op == "placeholder" and
+                                    (tensor_meta(a) is not None and tensor_meta(a).dim() == 1)
+                                    for a in n.args) for n in region):
+        parts.append("correction bias")
+    if topks > 1 or "scatter_" in ops or "masked_fill" in ops:
+        parts.append("group-limited top-k")
+    else:
+        parts.append("top-k")
+    if _softmax_after_topk(region):
+        parts.append("softmax over top-k")
+    if "gather" in ops:
+        parts.append("gather scores")
+    if any(is_op(n, "truediv", "itruediv", "div", "div_") for n in region):
+        parts.append("renormalize")
+    if any(is_op(n, "mul") and any(isinstance(a, float) for a in n.args) for n in region):
+        parts.append("scale")
+    return " -> ".join(parts)
+
+
+def _softmax_after_topk(region: set[fx.Node]) -> bool:
+    for n in region:
+        if is_op(n, "softmax"):
+            if any(is_op(a, "topk") for a in ancestors([n]) & region):
+                return True
+    return False
+
+
+def _find_router(ids: fx.Node, num_experts: int) -> tuple[fx.Node | None, fx.Node, fx.Node]:
+    """(top-k node or None, router linear, router weight placeholder) behind the ids.
+
+    The ids must be computed from a linear over an [E, H] weight (the router); a
+    top-k is the usual selection but not required (PhiMoE's sparsemixer selects by
+    argmax and masking).
+    """
+    src = _strip(ids, _IDS_VIEW_OPS)
+    topk = None
+    if is_op(src, "getitem") and src.args[1] == 1 and isinstance(src.args[0], fx.Node) and is_op(src.args[0], "topk"):
+        topk = src.args[0]
+    for a in sorted(ancestors([ids]), key=lambda n: -_order(n)):
+        if is_op(a, "linear", "matmul", "mm") and len(a.args) >= 2 and isinstance(a.args[1], fx.Node):
+            w = _strip(a.args[1], ("to", "type", "float", "t", "transpose"))
+            v = tensor_meta(w)
+            if w.op == "placeholder" and v is not None and v.dim() == 2 and v.shape[0] == num_experts:
+                return topk, a, w
+    raise _NoMatch(f"the expert ids ({ids.name}) are not computed from a router linear over an [E, H] weight")
+
+
+def _order(n: fx.Node) -> int:
+    return n.meta.setdefault("_ef_order", 0)
+
+
+def _number(graph: fx.Graph) -> None:
+    for i, n in enumerate(graph.nodes):
+        n.meta["_ef_order"] = i
+
+
+def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
+    scope = _scope_of(up.node)
+    if scope is None:
+        raise _NoMatch("the graph carries no module-scope metadata to bound the dispatch region")
+    graph = up.node.graph
+    region = {n for n in graph.nodes if n.op not in ("placeholder", "output") and _in_scope(n, scope)}
+    if down.node not in region:
+        raise _NoMatch("the two expert projections are in different modules")
+    # size arithmetic (SymInts under dynamic shapes) computed here may be shared with
+    # later code: it stays in the graph, as long as it does not read the experts' tensors
+    shared_sizes = [n for n in region if _is_size(n) and any(u not in region for u in n.users)]
+    keep = set(shared_sizes) | {a for a in ancestors(shared_sizes) if a in region}
+    if any(not _is_size(n) for n in keep):
+        raise _NoMatch("size arithmetic shared with later code depends on the experts' tensors")
+    region -= keep
+    outs = [n for n in region if any(u not in region for u in n.users)]
+    if len(outs) != 1:
+        raise _NoMatch(f"the dispatch region has {len(outs)} outputs ({[n.name for n in outs]}), expected 1")
+    output = outs[0]
+
+    ext = input_nodes_of(region)
+    placeholders = [n for n in ext if n.op == "placeholder" and tensor_meta(n) is not None]
+    tensors = [n for n in ext if n.op != "placeholder" and tensor_meta(n) is not None]
+    others = [n for n in ext if tensor_meta(n) is None and not isinstance(node_value(n), (int, torch.SymInt))]
+    if others:
+        raise _NoMatch(f"the dispatch region reads non-tensor values {[n.name for n in others]}")
+    w_up, w_down = tensor_meta(up.weight), tensor_meta(down.weight)
+    num_experts = w_up.shape[0]
+    if w_down.shape[0] != num_experts:
+        raise _NoMatch("up and down expert weights disagree on the number of experts")
+
+    ints = [n for n in tensors if not tensor_meta(n).is_floating_point()]
+    floats = [n for n in tensors if tensor_meta(n).is_floating_point()]
+    if len(ints) != 1 or len(floats) != 2:
+        raise _NoMatch(f"expected (hidden, ids, weights) into the experts, found "
+                       f"{[n.name for n in tensors]}")
+    ids = ints[0]
+    ids_v = tensor_meta(ids)
+    if ids_v.dim() != 2:
+        raise _NoMatch(f"top-k ids {ids.name} are not [tokens, k]")
+    weights = [n for n in floats if tuple(tensor_meta(n).shape) == tuple(ids_v.shape)]
+    hidden = [n for n in floats if n not in weights]
+    if len(weights) != 1 or len(hidden) != 1:
+        raise _NoMatch("could not tell the routing weights from the hidden states")
+    weights, hidden = weights[0], hidden[0]
+    h_v, out_v = tensor_meta(hidden), tensor_meta(output)
+    if h_v.dim() != 2 or out_v is None or tuple(out_v.shape) != tuple(h_v.shape) or out_v.dtype != h_v.dtype:
+        raise _NoMatch("the experts' output does not have the hidden states' shape and dtype")
+    for n in region:   # the region may only mutate its own tensors
+        cname = call_name(n)
+        if (cname.endswith("_") and not cname.endswith("__")) or cname == "operator.setitem":
+            if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in region:
+                raise _NoMatch(f"{n.name} mutates {n.args[0].name}, which lives outside the experts")
+
+    topk, router, router_w = _find_router(ids, num_experts)
+    if router not in ancestors([weights]):
+        raise _NoMatch("the routing weights do not come from the router")
+
+    up_out, down_out = _gemm_output(up), _gemm_output(down)
+    b_up, up_bias_nodes = _bias_of(up_out, region)
+    b_down, down_bias_nodes = _bias_of(down_out, region)
+    extra_params = [p for p in placeholders if p not in (up.weight, down.weight, b_up, b_down)]
+    if extra_params:
+        raise _NoMatch(f"the experts read parameters this rewrite does not handle: {[p.name for p in extra_params]}")
+    skip = up_bias_nodes | down_bias_nodes
+    d_in = _gemm_input(down)
+    gate_seg = _segment(up_out, d_in, region, skip)
+    if not gate_seg:
+        raise _NoMatch("no gating/activation between the two projections")
+    gate_fn = _extract_fn(up_out, d_in, gate_seg, "gating function")
+
+    # the routing-weight multiply after the down projection
+    after_down = descendants([down_out], limit=region) | {down_out}
+    from_weights = descendants([weights], limit=region)
+    mul = None
+    for n in sorted(region, key=_order):
+        if is_op(n, "mul") and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+            a, b = n.args
+            if a in after_down and b in from_weights and b not in after_down:
+                mul = (n, a)
+                break
+            if b in after_down and a in from_weights and a not in after_down:
+                mul = (n, b)
+                break
+    if mul is None:
+        raise _NoMatch("no routing-weight multiply after the down projection")
+    post_seg = _segment(down_out, mul[1], region, skip)
+    post_fn = _extract_fn(down_out, mul[1], post_seg, "post-expert function") if post_seg else None
+
+    if up.node.target is not down.node.target:
+        raise _NoMatch("the two projections use different matmul kinds")
+    if is_op(up.node, "bmm", "matmul"):
+        up_t, down_t = not up.weight_is_left, not down.weight_is_left
+        dispatch = "batched_mm (bmm over gathered expert weights)"
+    else:
+        up_t, down_t = not up.weight_transposed_view, not down.weight_transposed_view
+        dispatch = "grouped_mm" if "fallback" not in call_name(up.node) else "grouped_mm_fallback"
+    up_shape, down_shape = tuple(w_up.shape), tuple(w_down.shape)
+    hidden_size = h_v.shape[-1]
+    inter = down_shape[1] if not down_t else down_shape[2]
+    layer = _layer_of(up.weight.target if isinstance(up.weight.target, str) else "", scope)
+    layout = (f"up {list(up_shape)}{' transposed' if up_t else ''}, down {list(down_shape)}"
+              f"{' transposed' if down_t else ''}" + (", biases" if b_up is not None or b_down is not None else ""))
+    return MoEBlock(
+        layer=layer if layer is not None else -1, scope=scope, hidden=hidden, topk_ids=ids,
+        topk_weights=weights, output=output, region=region, up_weight=up.weight,
+        down_weight=down.weight, up_bias=b_up, down_bias=b_down, num_experts=num_experts,
+        top_k=ids_v.shape[1], hidden_size=hidden_size, intermediate_size=inter,
+        math=ExpertMath(up_transposed=up_t, down_transposed=down_t, gate_fn=gate_fn, post_fn=post_fn),
+        rows_dtype=tensor_meta(down_out).dtype, out_features=tensor_meta(down_out).shape[-1],
+        dispatch=dispatch, routing=_routing_description(ids, weights, router),
+        activation=_describe_fn(gate_seg), router_weight=router_w, layout=layout,
+    )
+
+
+def _unmatched_routers(graph: fx.Graph, used_routers: set[fx.Node]) -> list[Unmatched]:
+    """Routers (top-k over an [E, H] linear) whose experts are not matched in this graph."""
+    found, seen = [], set()
+    for n in graph.nodes:
+        if not is_op(n, "topk"):
+            continue
+        for a in ancestors([n]):
+            if not is_op(a, "linear") or len(a.args) < 2 or not isinstance(a.args[1], fx.Node):
+                continue
+            w = _strip(a.args[1], ("to", "type", "float"))
+            v = tensor_meta(w)
+            if w.op != "placeholder" or v is None or v.dim() != 2 or v.shape[0] > 4096 or v.shape[0] < 2:
+                continue
+            if a in seen or a in used_routers:
+                break
+            if tensor_meta(a) is None or tensor_meta(a).shape[-1] != v.shape[0]:
+                continue
+            seen.add(a)
+            if _order(a) < _order(n) and _order(n) - _order(a) < 60:
+                found.append(Unmatched(
+                    layer=_layer_of(str(w.target)), where=_scope_of(a) or a.name,
+                    reason="router found, but its expert dispatch is not in this graph (a per-expert loop "
+                           "that Dynamo splits off runs outside any graph; use experts_implementation="
+                           "'grouped_mm' or 'batched_mm')"))
+            break
+    return found
+
+
+def find_moe_blocks(gm: fx.GraphModule) -> MatchResult:
+    """Every MoE block of ``gm`` (see the module docstring); never modifies ``gm``."""
+    graph = gm.graph
+    _number(graph)
+    gemms = _find_gemms(graph)
+    result = MatchResult()
+    used: set[fx.Node] = set()
+    by_node = {g.node: g for g in gemms}
+    for g in gemms:
+        if g.node in used:
+            continue
+        later = descendants([g.node])
+        downs = sorted((by_node[n] for n in later if n in by_node and n not in used
+                        and by_node[n].weight is not g.weight), key=lambda x: _order(x.node))
+        if not downs:
+            continue
+        down = downs[0]
+        used.update({g.node, down.node})
+        try:
+            result.blocks.append(_match_pair(g, down))
+        except _NoMatch as exc:
+            result.unmatched.append(Unmatched(
+                layer=_layer_of(str(g.weight.target)), where=_scope_of(g.node) or g.node.name, reason=str(exc)))
+    used_routers = set()
+    for b in result.blocks:
+        for a in ancestors([b.topk_ids]):
+            if is_op(a, "linear", "matmul", "mm"):
+                used_routers.add(a)
+    unmatched_layers = {u.layer for u in result.unmatched}
+    for u in _unmatched_routers(graph, used_routers):
+        if u.layer not in unmatched_layers or u.layer is None:
+            result.unmatched.append(u)
+    result.blocks.sort(key=lambda b: _order(b.output))
+    return result

@@ -1,0 +1,195 @@
+"""The per-model engine behind the ``expertflow::*`` ops.
+
+One :class:`ExpertEngine` serves one compiled model: it knows each rewritten MoE
+layer (its :class:`~expertflow_compile.kernels.reference.ExpertMath`), owns the
+expert cache when a budget is set, the predictor, and the stats. Graph nodes refer
+to it by an integer id (custom ops cannot take Python objects); the registry also
+maps each expert weight tensor to its engine so that ``stats(model)`` finds it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ExpertFlowConfig
+from ..kernels.reference import ExpertMath, combine_topk, expert_forward
+
+__all__ = ["ExpertEngine", "LayerPlan", "get_engine", "engine_for_tensor", "engines_for_module"]
+
+log = logging.getLogger("expertflow_compile")
+
+_ENGINES: dict[int, "ExpertEngine"] = {}
+_BY_TENSOR: dict[int, tuple[weakref.ref, int]] = {}
+_IDS = itertools.count(1)
+_LOCK = threading.Lock()
+LAYER_SHIFT = 20  # predicted ids are encoded layer << LAYER_SHIFT | expert
+
+
+def get_engine(engine_id: int) -> "ExpertEngine":
+    try:
+        return _ENGINES[engine_id]
+    except KeyError:
+        raise RuntimeError(f"expertflow engine {engine_id} no longer exists (its model was deleted "
+                           "or reset); recompile the model") from None
+
+
+def engine_for_tensor(t: torch.Tensor) -> "ExpertEngine | None":
+    """The engine serving the expert weight tensor ``t`` (None if there is none)."""
+    entry = _BY_TENSOR.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    return _ENGINES.get(entry[1])
+
+
+def engines_for_module(module: torch.nn.Module) -> list["ExpertEngine"]:
+    """Every engine serving a parameter of ``module`` (each once, in discovery order)."""
+    found: dict[int, ExpertEngine] = {}
+    for p in itertools.chain(module.parameters(), module.buffers()):
+        eng = engine_for_tensor(p)
+        if eng is not None:
+            found.setdefault(eng.id, eng)
+    return list(found.values())
+
+
+@dataclass
+class LayerPlan:
+    """One rewritten MoE layer as the engine runs it."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    math: ExpertMath
+    rows_dtype: torch.dtype          # dtype of the down projection's output rows
+    out_features: int                # hidden size of the expert output
+    has_up_bias: bool = False
+    has_down_bias: bool = False
+
+
+class ExpertEngine:
+    """Runtime state of one compiled model (see module docstring)."""
+
+    def __init__(self, config: ExpertFlowConfig):
+        from .stats import RuntimeStats
+
+        self.config = config
+        self.id = next(_IDS)
+        self.layers: dict[int, LayerPlan] = {}
+        self.stats = RuntimeStats()
+        self.cache = None            # an ExpertCache when offloading
+        self.store = None            # the host tier when offloading
+        self.predictor = None
+        self.graph_reports: list = []
+        self._tensor_ids: list[int] = []
+        self._closed = False
+        with _LOCK:
+            _ENGINES[self.id] = self
+
+    # ----- registration -------------------------------------------------------------
+    def register_layer(self, plan: LayerPlan, tensors: list[torch.Tensor]) -> None:
+        """Add a rewritten layer and tie its weight tensors to this engine."""
+        self.layers[plan.layer] = plan
+        for t in tensors:
+            if t is None:
+                continue
+            with _LOCK:
+                _BY_TENSOR[id(t)] = (weakref.ref(t), self.id)
+                self._tensor_ids.append(id(t))
+            weakref.finalize(t, _forget_tensor, id(t), self.id)
+
+    # ----- ops ----------------------------------------------------------------------
+    def predict(self, layer: int, hidden: torch.Tensor, width: int) -> torch.Tensor:
+        out = torch.full((width,), -1, dtype=torch.int64, device=hidden.device)
+        if self.predictor is not None:
+            ids = self.predictor.predict(layer, hidden)
+            n = min(width, len(ids))
+            if n:
+                out[:n] = torch.as_tensor(ids[:n], dtype=torch.int64)
+        return out
+
+    def prefetch(self, layer: int, predicted: torch.Tensor) -> None:
+        if self.cache is None:
+            return
+        wanted: dict[int, list[int]] = {}
+        for code in predicted.tolist():
+            if code >= 0:
+                wanted.setdefault(code >> LAYER_SHIFT, []).append(code & ((1 << LAYER_SHIFT) - 1))
+        for target_layer, experts in wanted.items():
+            if target_layer in self.layers:
+                self.cache.prefetch(target_layer, experts)
+
+    def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down):
+        plan = self.layers[layer]
+        offs = offsets.tolist()
+        active = [e for e in range(plan.num_experts) if offs[e + 1] > offs[e]]
+        top_k = topk_weights.shape[-1]
+        rows = hidden[order // top_k]
+        out_rows = torch.zeros(rows.shape[0], plan.out_features, dtype=plan.rows_dtype,
+                               device=hidden.device)
+        if self.cache is None:
+            self.stats.add(layer, hits=len(active))
+            for e in active:
+                weights = {"up": w_up[e], "down": w_down[e],
+                           "up_bias": b_up[e] if b_up is not None else None,
+                           "down_bias": b_down[e] if b_down is not None else None}
+                out_rows[offs[e]:offs[e + 1]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
+        else:
+            self._cached_experts(plan, active, offs, rows, out_rows)
+        return combine_topk(out_rows, topk_weights, order, hidden.dtype)
+
+    def _cached_experts(self, plan, active, offs, rows, out_rows) -> None:
+        """Resident experts first while the misses load; each expert pinned only while it computes."""
+        cache, layer = self.cache, plan.layer
+        resident = [e for e in active if cache.is_resident(layer, e)]
+        missing = [e for e in active if e not in set(resident)]
+        if missing:
+            cache.prefetch(layer, missing)
+        for e in resident + missing:
+            weights = cache.acquire(layer, e)
+            try:
+                out_rows[offs[e]:offs[e + 1]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
+            finally:
+                cache.release(layer, e)
+
+    def stats_dict(self) -> dict:
+        d = self.stats.as_dict()
+        d["layers"] = sorted(self.layers)
+        d["offloading"] = self.cache is not None
+        return d
+
+    def on_graph_compiled(self, placeholder_values: dict) -> None:
+        """Called after each graph of the model is rewritten (offloading hooks in here)."""
+
+    # ----- lifecycle ----------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.cache is not None:
+            self.cache.close()
+        if self.store is not None:
+            self.store.close()
+        with _LOCK:
+            _ENGINES.pop(self.id, None)
+            for tid in self._tensor_ids:
+                entry = _BY_TENSOR.get(tid)
+                if entry is not None and entry[1] == self.id:
+                    _BY_TENSOR.pop(tid, None)
+
+
+def _forget_tensor(tensor_id: int, engine_id: int) -> None:
+    """When a model's weights die, its engine (and any worker thread) goes with them."""
+    with _LOCK:
+        entry = _BY_TENSOR.get(tensor_id)
+        if entry is not None and entry[1] == engine_id:
+            _BY_TENSOR.pop(tensor_id, None)
+        still_used = any(e[1] == engine_id for e in _BY_TENSOR.values())
+        engine = _ENGINES.get(engine_id)
+    if engine is not None and not still_used:
+        engine.close()

@@ -1,0 +1,49 @@
+"""Shared test helpers: capturing backends, graph op counts, the exactness rule."""
+
+from __future__ import annotations
+
+import torch
+
+from expertflow_compile.backend import expertflow_backend
+
+DISPATCH_OPS = ("grouped_mm_fallback", "_grouped_mm", "grouped_mm", "bmm")
+
+
+class CapturingBackend:
+    """Runs the expertflow backend and keeps every rewritten graph."""
+
+    def __init__(self, options=None):
+        self.options = options or {}
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs, options=None):
+        fn = expertflow_backend(gm, example_inputs, options=options or self.options)
+        self.graphs.append(gm)
+        return fn
+
+
+def op_names(gm) -> list[str]:
+    names = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            t = n.target
+            names.append(t.name() if hasattr(t, "name") and callable(t.name) else getattr(t, "__name__", str(t)))
+        elif n.op == "call_method":
+            names.append(str(n.target))
+    return names
+
+
+def count(gm, suffix: str) -> int:
+    return sum(1 for n in op_names(gm) if n == suffix or n.endswith("::" + suffix) or n.endswith("." + suffix)
+               or n.split("::")[-1] == suffix)
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_fp32_close(out, ref):
+    """fp32 contract: max abs diff <= 1e-5 x max |eager|."""
+    scale = ref.float().abs().max().item()
+    diff = max_diff(out, ref)
+    assert diff <= 1e-5 * scale, f"max |diff| {diff:.3g} > 1e-5 x {scale:.3g}"

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from expertflow_compile import ops  # noqa: F401
+from expertflow_compile.config import ExpertFlowConfig
+from expertflow_compile.kernels.reference import ExpertMath, grouped_experts_reference
+from expertflow_compile.runtime.engine import ExpertEngine, LayerPlan
+
+
+def _silu_gate(h):
+    g, u = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def _engine(E, H, I, K, transposed=False, bias=False):
+    eng = ExpertEngine(ExpertFlowConfig())
+    math = ExpertMath(up_transposed=transposed, down_transposed=transposed, gate_fn=_silu_gate)
+    up = torch.randn(E, H, 2 * I) if transposed else torch.randn(E, 2 * I, H)
+    down = torch.randn(E, I, H) if transposed else torch.randn(E, H, I)
+    bu, bd = (torch.randn(E, 2 * I), torch.randn(E, H)) if bias else (None, None)
+    eng.register_layer(LayerPlan(0, E, K, H, math, torch.float32, H, bias, bias), [up, down, bu, bd])
+    return eng, up, down, bu, bd
+
+
+def _routing(T, E, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    return ids, w
+
+
+@given(T=st.integers(1, 12), E=st.integers(1, 16), K=st.integers(1, 4), seed=st.integers(0, 99))
+@settings(max_examples=40, deadline=None)
+def test_permute_groups_pairs_by_expert(T, E, K, seed):
+    K = min(K, E)
+    ids, _ = _routing(T, E, K, seed)
+    order, offsets = torch.ops.expertflow.permute(ids, E)
+    flat = ids.reshape(-1)
+    assert sorted(order.tolist()) == list(range(T * K))
+    assert offsets[0] == 0 and offsets[-1] == T * K
+    for e in range(E):
+        chunk = order[offsets[e]:offsets[e + 1]]
+        assert (flat[chunk] == e).all()
+        assert chunk.tolist() == sorted(chunk.tolist())  # stable within an expert
+
+
+@pytest.mark.parametrize("transposed,bias", [(False, False), (True, True)])
+def test_grouped_gemm_equals_per_token_loop(transposed, bias):
+    T, E, H, I, K = 6, 5, 8, 4, 2
+    eng, up, down, bu, bd = _engine(E, H, I, K, transposed, bias)
+    ids, w = _routing(T, E, K)
+    x = torch.randn(T, H)
+    order, offsets = torch.ops.expertflow.permute(ids, E)
+    token = torch.ops.expertflow.prefetch(torch.ops.expertflow.predict(x, eng.id, 0, 3), eng.id, 0)
+    out = torch.ops.expertflow.grouped_gemm(x, w, order, offsets, token, up, down, bu, bd, eng.id, 0)
+    expected = torch.zeros(T, H)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            Wu = up[e] if transposed else up[e].T
+            Wd = down[e] if transposed else down[e].T
+            h = x[t] @ Wu + (bu[e] if bias else 0)
+            y = _silu_gate(h) @ Wd + (bd[e] if bias else 0)
+            expected[t] += w[t, k] * y
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    eng.close()
+
+
+def test_opcheck_every_op():
+    T, E, H, I, K = 5, 4, 8, 4, 2
+    eng, up, down, bu, bd = _engine(E, H, I, K)
+    ids, w = _routing(T, E, K)
+    x = torch.randn(T, H)
+    order, offsets = torch.ops.expertflow.permute(ids, E)
+    pred = torch.ops.expertflow.predict(x, eng.id, 0, 3)
+    token = torch.ops.expertflow.prefetch(pred, eng.id, 0)
+    checks = [
+        (torch.ops.expertflow.permute.default, (ids, E)),
+        (torch.ops.expertflow.predict.default, (x, eng.id, 0, 3)),
+        (torch.ops.expertflow.prefetch.default, (pred, eng.id, 0)),
+        (torch.ops.expertflow.grouped_gemm.default, (x, w, order, offsets, token, up, down, None, None, eng.id, 0)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    eng.close()
+
+
+def test_reference_skips_empty_experts():
+    E, H, I = 4, 6, 3
+    math = ExpertMath(False, False, _silu_gate)
+    up, down = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    ids = torch.tensor([[1], [1], [3]])
+    order, offsets = torch.ops.expertflow.permute(ids, E)
+    used = []
+
+    def weights(e):
+        used.append(e)
+        return {"up": up[e], "down": down[e]}
+
+    grouped_experts_reference(torch.randn(3, H), torch.ones(3, 1), order, offsets.tolist(), weights, math, H,
+                              torch.float32)
+    assert used == [1, 3]
+
+
+def test_deleted_engine_gives_clear_error():
+    eng, *_ = _engine(2, 4, 2, 1)
+    eid = eng.id
+    eng.close()
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.expertflow.predict(torch.zeros(1, 4), eid, 0, 2)
