@@ -320,21 +320,23 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
     output = outs[0]
 
     ext = input_nodes_of(region)
-    placeholders = [n for n in ext if n.op == "placeholder" and tensor_meta(n) is not None]
-    tensors = [n for n in ext if n.op != "placeholder" and tensor_meta(n) is not None]
-    others = [n for n in ext if tensor_meta(n) is None and not isinstance(node_value(n), (int, torch.SymInt))]
-    if others:
-        raise _NoMatch(f"the dispatch region reads non-tensor values {[n.name for n in others]}")
     w_up, w_down = tensor_meta(up.weight), tensor_meta(down.weight)
     num_experts = w_up.shape[0]
     if w_down.shape[0] != num_experts:
         raise _NoMatch("up and down expert weights disagree on the number of experts")
-
+    up_out, down_out = _gemm_output(up), _gemm_output(down)
+    b_up, up_bias_nodes = _bias_of(up_out, region)
+    b_down, down_bias_nodes = _bias_of(down_out, region)
+    params = {up.weight, down.weight, b_up, b_down}
+    tensors = [n for n in ext if tensor_meta(n) is not None and n not in params]
+    others = [n for n in ext if tensor_meta(n) is None and not isinstance(node_value(n), (int, torch.SymInt))]
+    if others:
+        raise _NoMatch(f"the dispatch region reads non-tensor values {[n.name for n in others]}")
     ints = [n for n in tensors if not tensor_meta(n).is_floating_point()]
     floats = [n for n in tensors if tensor_meta(n).is_floating_point()]
     if len(ints) != 1 or len(floats) != 2:
-        raise _NoMatch(f"expected (hidden, ids, weights) into the experts, found "
-                       f"{[n.name for n in tensors]}")
+        raise _NoMatch(f"expected (hidden, ids, weights) and expert weights into the experts, found "
+                       f"{[n.name for n in tensors]} besides the expert weights")
     ids = ints[0]
     ids_v = tensor_meta(ids)
     if ids_v.dim() != 2:
@@ -357,12 +359,6 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
     if router not in ancestors([weights]):
         raise _NoMatch("the routing weights do not come from the router")
 
-    up_out, down_out = _gemm_output(up), _gemm_output(down)
-    b_up, up_bias_nodes = _bias_of(up_out, region)
-    b_down, down_bias_nodes = _bias_of(down_out, region)
-    extra_params = [p for p in placeholders if p not in (up.weight, down.weight, b_up, b_down)]
-    if extra_params:
-        raise _NoMatch(f"the experts read parameters this rewrite does not handle: {[p.name for p in extra_params]}")
     skip = up_bias_nodes | down_bias_nodes
     d_in = _gemm_input(down)
     gate_seg = _segment(up_out, d_in, region, skip)
@@ -449,6 +445,7 @@ def find_moe_blocks(gm: fx.GraphModule) -> MatchResult:
     gemms = _find_gemms(graph)
     result = MatchResult()
     used: set[fx.Node] = set()
+    tried_routers: set[fx.Node] = set()
     by_node = {g.node: g for g in gemms}
     for g in gemms:
         if g.node in used:
@@ -463,16 +460,19 @@ def find_moe_blocks(gm: fx.GraphModule) -> MatchResult:
         try:
             result.blocks.append(_match_pair(g, down))
         except _NoMatch as exc:
+            tried_routers.update(a for a in ancestors([g.node]) if is_op(a, "linear", "matmul", "mm"))
             result.unmatched.append(Unmatched(
                 layer=_layer_of(str(g.weight.target)), where=_scope_of(g.node) or g.node.name, reason=str(exc)))
-    used_routers = set()
+    used_routers = set(tried_routers)
     for b in result.blocks:
         for a in ancestors([b.topk_ids]):
             if is_op(a, "linear", "matmul", "mm"):
                 used_routers.add(a)
-    unmatched_layers = {u.layer for u in result.unmatched}
-    for u in _unmatched_routers(graph, used_routers):
-        if u.layer not in unmatched_layers or u.layer is None:
-            result.unmatched.append(u)
+    result.unmatched.extend(_unmatched_routers(graph, used_routers))
     result.blocks.sort(key=lambda b: _order(b.output))
+    taken = {b.layer for b in result.blocks if b.layer >= 0}
+    fresh = (i for i in range(10**6) if i not in taken)
+    for b in result.blocks:   # no layer number in the names: number blocks in graph order
+        if b.layer < 0:
+            b.layer = next(fresh)
     return result

@@ -31,6 +31,23 @@ _LOCK = threading.Lock()
 LAYER_SHIFT = 20  # predicted ids are encoded layer << LAYER_SHIFT | expert
 
 
+_ATTACHED_STORES: dict[int, tuple[weakref.ref, object]] = {}
+
+
+def attach_store(tensor: torch.Tensor, store) -> None:
+    """Declare that the experts behind ``tensor`` (an expert weight of a model, usually a
+    zero-stride placeholder) live in ``store`` (e.g. a SafetensorsExpertStore): the engine
+    built when the model is compiled uses it as its host tier."""
+    _ATTACHED_STORES[id(tensor)] = (weakref.ref(tensor), store)
+
+
+def attached_store(tensor: torch.Tensor | None):
+    entry = _ATTACHED_STORES.get(id(tensor)) if tensor is not None else None
+    if entry is None or entry[0]() is not tensor:
+        return None
+    return entry[1]
+
+
 def get_engine(engine_id: int) -> "ExpertEngine":
     try:
         return _ENGINES[engine_id]
@@ -87,6 +104,8 @@ class ExpertEngine:
         self.predictor = None
         self.graph_reports: list = []
         self._tensor_ids: list[int] = []
+        self._layer_tensors: dict[int, dict[str, torch.Tensor]] = {}
+        self._cache_layers: tuple[int, ...] = ()
         self._closed = False
         with _LOCK:
             _ENGINES[self.id] = self
@@ -95,6 +114,10 @@ class ExpertEngine:
     def register_layer(self, plan: LayerPlan, tensors: list[torch.Tensor]) -> None:
         """Add a rewritten layer and tie its weight tensors to this engine."""
         self.layers[plan.layer] = plan
+        up, down, b_up, b_down = (list(tensors) + [None] * 4)[:4]
+        self._layer_tensors[plan.layer] = {
+            k: v for k, v in (("up", up), ("down", down), ("up_bias", b_up), ("down_bias", b_down)) if v is not None
+        }
         for t in tensors:
             if t is None:
                 continue
@@ -148,8 +171,8 @@ class ExpertEngine:
         cache, layer = self.cache, plan.layer
         resident = [e for e in active if cache.is_resident(layer, e)]
         missing = [e for e in active if e not in set(resident)]
-        if missing:
-            cache.prefetch(layer, missing)
+        if missing:   # residents are named too: the request never evicts them
+            cache.prefetch(layer, resident + missing)
         for e in resident + missing:
             weights = cache.acquire(layer, e)
             try:
@@ -164,7 +187,41 @@ class ExpertEngine:
         return d
 
     def on_graph_compiled(self, placeholder_values: dict) -> None:
-        """Called after each graph of the model is rewritten (offloading hooks in here)."""
+        """Called after each graph of the model is rewritten: (re)build the expert cache
+        when a budget is set and the engine now knows layers the cache does not."""
+        if not self.layers or tuple(sorted(self.layers)) == self._cache_layers:
+            return
+        store = next((attached_store(t.get("up")) for t in self._layer_tensors.values()
+                      if attached_store(t.get("up")) is not None), None)
+        if store is None and not self.config.offloads:
+            return
+        self.build_cache(store)
+
+    def min_resident_experts(self) -> int:
+        """What one MoE layer needs resident at once: one token's top-k experts."""
+        return max(p.top_k for p in self.layers.values())
+
+    def build_cache(self, store=None) -> None:
+        """Create the host tier (unless ``store`` is given) and the budgeted cache."""
+        from .budget import parse_budget
+        from .cache import ExpertCache
+        from .store import TensorExpertStore
+
+        if self.cache is not None:
+            self.cache.close()
+        if store is not None:
+            self.store = store
+        elif self.store is None or isinstance(self.store, TensorExpertStore):
+            self.store = TensorExpertStore({l: dict(t) for l, t in sorted(self._layer_tensors.items())})
+        budget = parse_budget(self.config.expert_budget)
+        slots = budget.resolve_slots(self.store.specs, self.min_resident_experts())
+        any_up = next(iter(self._layer_tensors.values()), {}).get("up")
+        device = any_up.device if any_up is not None and any_up.device.type != "meta" else torch.device("cpu")
+        self.cache = ExpertCache(self.store, slots, policy=self.config.policy, device=device,
+                                 prefetch=self.config.prefetch, stats=self.stats)
+        self._cache_layers = tuple(sorted(self.layers))
+        log.info("expertflow: %d expert slots (%d bytes) for %d MoE layers, policy %s",
+                 slots, self.cache.budget_bytes, len(self.layers), self.config.policy)
 
     # ----- lifecycle ----------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,665 @@
+"""The host tier: where every expert's weights live when they are not cached.
+
+An :class:`ExpertStore` maps ``(layer, expert)`` to that expert's tensors. The
+cache (:mod:`expertflow_compile.runtime.cache`) asks it to fill preallocated
+tensors (``read_into``), possibly from its prefetch worker thread, so every
+store must be safe to read from several threads at once.
+
+Two stores:
+
+* :class:`TensorExpertStore` - the model's own expert parameters, already in
+  memory. CPU tensors are referenced (no copy); CUDA tensors are copied once to
+  pinned CPU memory so that the caller can free the device copies.
+* :class:`SafetensorsExpertStore` - the checkpoint on disk, read on demand: the
+  safetensors headers are parsed here (no whole-file load, no mmap of all
+  experts) and each read fetches exactly one expert's byte range with
+  ``os.preadv`` straight into the destination tensor's memory.
+
+:class:`FaultInjectingStore` wraps a store and raises on chosen reads (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+import threading
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ExpertSpec",
+    "ExpertStore",
+    "FaultInjectingStore",
+    "SafetensorsExpertStore",
+    "TensorEntry",
+    "TensorExpertStore",
+    "TensorSource",
+    "safetensors_index",
+    "SAFETENSORS_DTYPES",
+]
+
+#: Byte alignment of each tensor inside a cache slot (see ExpertSpec.layout).
+SLOT_ALIGN = 64
+
+#: safetensors dtype strings -> torch dtypes (those this torch build has).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in [
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+        ("U8", "uint8"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+        ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ]
+    if hasattr(torch, attr)
+}
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def _numel(shape: Iterable[int]) -> int:
+    return math.prod(shape)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _align(n: int, a: int = SLOT_ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """The per-expert tensors of one MoE layer.
+
+    ``shapes`` maps a tensor name (``"up"``, ``"down"``, ``"up_bias"`` ...) to the
+    shape of ONE expert's tensor (the fused parameter's shape without its leading
+    expert axis). All tensors of a layer share ``dtype``.
+    """
+
+    num_experts: int
+    shapes: dict[str, tuple[int, ...]] = field(hash=False)
+    dtype: torch.dtype
+
+    def __post_init__(self):
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"ExpertSpec.num_experts must be an int >= 1, got {self.num_experts!r}")
+        if not self.shapes:
+            raise ValueError("ExpertSpec.shapes is empty: an expert needs at least one tensor")
+        norm = {}
+        for name, shape in self.shapes.items():
+            shape = tuple(int(d) for d in shape)
+            if any(d < 0 for d in shape):
+                raise ValueError(f"ExpertSpec tensor {name!r} has a negative dimension: {shape}")
+            norm[name] = shape
+        object.__setattr__(self, "shapes", norm)
+        if not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"ExpertSpec.dtype must be a torch.dtype, got {self.dtype!r}")
+
+    def tensor_nbytes(self, name: str) -> int:
+        return _numel(self.shapes[name]) * _itemsize(self.dtype)
+
+    def expert_nbytes(self) -> int:
+        """Bytes of ONE expert: the sum of its tensors' sizes (no padding)."""
+        return sum(self.tensor_nbytes(n) for n in self.shapes)
+
+    def layout(self) -> tuple[tuple[str, int, tuple[int, ...], torch.dtype], ...]:
+        """Where each tensor sits inside a cache slot: ``(name, byte offset, shape, dtype)``.
+
+        Tensors are laid out in ``shapes`` order, each starting at a multiple of
+        ``SLOT_ALIGN`` bytes, so a flat ``uint8`` slot can be viewed as any dtype.
+        """
+        out, off = [], 0
+        for name, shape in self.shapes.items():
+            off = _align(off)
+            out.append((name, off, shape, self.dtype))
+            off += self.tensor_nbytes(name)
+        return tuple(out)
+
+    def slot_nbytes(self) -> int:
+        """Bytes a cache slot needs to hold one expert of this layer (layout incl. alignment)."""
+        name, off, _shape, _dtype = self.layout()[-1]
+        return _align(off + self.tensor_nbytes(name))
+
+
+def _check_out(spec: ExpertSpec, layer: int, out: Mapping[str, torch.Tensor]) -> None:
+    if set(out) != set(spec.shapes):
+        raise ValueError(f"read_into(layer={layer}): expected tensors {sorted(spec.shapes)}, got {sorted(out)}")
+    for name, t in out.items():
+        if tuple(t.shape) != spec.shapes[name] or t.dtype != spec.dtype:
+            raise ValueError(
+                f"read_into(layer={layer}): tensor {name!r} must be {spec.shapes[name]} {spec.dtype}, "
+                f"got {tuple(t.shape)} {t.dtype}"
+            )
+
+
+# -------------------------------------------------------------------------- stores
+
+
+class ExpertStore:
+    """Abstract host tier. Subclasses set ``specs`` and implement ``read_into``.
+
+    ``read_into`` may be called concurrently from several threads (the prefetch
+    worker and the compute thread's demand loads).
+    """
+
+    specs: dict[int, ExpertSpec]
+
+    def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
+        """Fill ``out`` (preallocated, shapes/dtype as ``specs[layer]``) with the expert's weights."""
+        raise NotImplementedError
+
+    def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Convenience: allocate CPU tensors and ``read_into`` them."""
+        spec = self.specs[layer]
+        out = {n: torch.empty(s, dtype=spec.dtype) for n, s in spec.shapes.items()}
+        self.read_into(layer, expert, out)
+        return out
+
+    def total_expert_bytes(self) -> int:
+        return sum(s.num_experts * s.expert_nbytes() for s in self.specs.values())
+
+    def close(self) -> None:
+        """Release files/memory. Idempotent."""
+
+    def _check_key(self, layer: int, expert: int) -> ExpertSpec:
+        spec = self.specs.get(layer)
+        if spec is None:
+            raise KeyError(f"no MoE layer {layer} in this expert store (layers: {sorted(self.specs)})")
+        if not 0 <= expert < spec.num_experts:
+            raise IndexError(f"expert {expert} out of range for layer {layer} ({spec.num_experts} experts)")
+        return spec
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TensorExpertStore(ExpertStore):
+    """Experts from tensors already in memory.
+
+    ``layers`` maps layer -> {name: tensor with the expert axis first}, e.g.
+    ``{"up": [E, 2I, H], "down": [E, H, I], "up_bias": [E, 2I], "down_bias": [E, H]}``.
+    CPU tensors are kept by reference (no copy, any strides); CUDA tensors are
+    copied to pinned CPU memory (the caller then frees the device copies).
+    """
+
+    def __init__(self, layers: dict[int, dict[str, torch.Tensor]]):
+        self._tensors: dict[int, dict[str, torch.Tensor]] = {}
+        specs = {}
+        for layer, tensors in layers.items():
+            if not tensors:
+                raise ValueError(f"layer {layer}: no expert tensors given")
+            num, dtype, shapes, kept = None, None, {}, {}
+            for name, t in tensors.items():
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"layer {layer} tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
+                if t.device.type == "meta":
+                    raise ValueError(f"layer {layer} tensor {name!r} is on the meta device: it has no data to store")
+                if t.dim() < 1:
+                    raise ValueError(f"layer {layer} tensor {name!r} has no expert axis (0-dim tensor)")
+                if num is None:
+                    num, dtype = t.shape[0], t.dtype
+                if t.shape[0] != num:
+                    raise ValueError(
+                        f"layer {layer}: tensor {name!r} has {t.shape[0]} experts on dim 0, expected {num} "
+                        "like the layer's other tensors"
+                    )
+                if t.dtype != dtype:
+                    raise ValueError(f"layer {layer}: tensor {name!r} is {t.dtype}, the layer's other tensors are {dtype}")
+                t = t.detach()
+                if t.device.type != "cpu":
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+                    host.copy_(t)
+                    t = host
+                kept[name] = t
+                shapes[name] = tuple(t.shape[1:])
+            specs[int(layer)] = ExpertSpec(int(num), shapes, dtype)
+            self._tensors[int(layer)] = kept
+        self.specs = specs
+
+    def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
+        spec = self._check_key(layer, expert)
+        _check_out(spec, layer, out)
+        with torch.no_grad():
+            for name, t in self._tensors[layer].items():
+                out[name].copy_(t[expert])
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+# ------------------------------------------------------------------- safetensors
+
+
+class TensorEntry(NamedTuple):
+    """One tensor of a safetensors file. ``begin``/``end`` are ABSOLUTE byte
+    offsets in ``file`` (header already added), so ``end - begin`` is its size."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _read_header(path: str, cache: dict | None = None) -> dict[str, TensorEntry]:
+    """Parse one safetensors file's header (validated; never reads tensor data).
+    ``cache``: path -> parsed header, shared by the reads of one construction."""
+    path = os.fspath(path)
+    if cache is not None and path in cache:
+        return cache[path]
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint file {path} does not exist")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"checkpoint {path} is not a safetensors file: {size} bytes, no 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise ValueError(
+                f"checkpoint {path} is not a valid safetensors file or is truncated: header claims {n} bytes "
+                f"but the file has {size}"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint {path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"checkpoint {path}: safetensors header is not a JSON object")
+    base = 8 + n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape, (b, e) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"checkpoint {path}: malformed header entry for tensor {name!r}: {info!r}") from None
+        if dt not in SAFETENSORS_DTYPES:
+            raise ValueError(f"checkpoint {path}: tensor {name!r} has unsupported dtype {dt!r}")
+        dtype = SAFETENSORS_DTYPES[dt]
+        want = _numel(shape) * _itemsize(dtype)
+        if not (isinstance(b, int) and isinstance(e, int)) or b < 0 or e - b != want:
+            raise ValueError(
+                f"checkpoint {path}: tensor {name!r} has data_offsets {[b, e]} but {dt}{list(shape)} needs {want} bytes"
+            )
+        entries[name] = TensorEntry(path, dtype, shape, base + b, base + e)
+    if cache is not None:
+        cache[path] = entries
+    return entries
+
+
+def _expand_paths(paths) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out = []
+    for p in paths:
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            idx = os.path.join(p, "model.safetensors.index.json")
+            if os.path.isfile(idx):
+                out.append(idx)
+            else:
+                found = sorted(f for f in os.listdir(p) if f.endswith(".safetensors"))
+                if not found:
+                    raise ValueError(f"checkpoint directory {p} has no model.safetensors.index.json and no .safetensors files")
+                out.extend(os.path.join(p, f) for f in found)
+        else:
+            out.append(p)
+    return out
+
+
+def safetensors_index(paths) -> dict[str, TensorEntry]:
+    """Map every tensor name of a checkpoint to where its bytes are.
+
+    ``paths``: a ``.safetensors`` file, a ``model.safetensors.index.json`` (sharded
+    checkpoint; shard names are relative to the index's directory), a directory
+    holding either, or a list of those. Returns ``name -> TensorEntry(file, dtype,
+    shape, begin, end)`` with absolute byte offsets. Only headers are read.
+    """
+    result: dict[str, TensorEntry] = {}
+    headers: dict[str, dict[str, TensorEntry]] = {}
+
+    def add(name, entry, origin):
+        if name in result and result[name].file != entry.file:
+            raise ValueError(f"tensor {name!r} appears in both {result[name].file} and {origin}")
+        result[name] = entry
+
+    for p in _expand_paths(paths):
+        if p.endswith(".json"):
+            if not os.path.isfile(p):
+                raise ValueError(f"checkpoint index {p} does not exist")
+            try:
+                with open(p) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"checkpoint index {p} is not a valid safetensors index ({exc!r})") from None
+            root = os.path.dirname(p)
+            for name, shard in weight_map.items():
+                shard_path = os.path.join(root, shard)
+                entry = _read_header(shard_path, headers).get(name)
+                if entry is None:
+                    raise ValueError(f"tensor {name!r} listed in {p} is missing from {shard_path}")
+                add(name, entry, shard_path)
+        else:
+            for name, entry in _read_header(p, headers).items():
+                add(name, entry, p)
+    return result
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one per-expert tensor of one layer lives in a safetensors checkpoint.
+
+    Exactly one of:
+
+    * ``fused``: ``(file, name)`` of a tensor ``[E, ...]``; expert ``e`` is row ``e``.
+    * ``per_expert``: for each expert ``e``, pieces ``((file, name), ...)`` that are
+      concatenated along dim 0 (e.g. Mixtral's ``w1`` and ``w3`` -> gate_up).
+
+    ``transpose``: swap the last two dims of each piece after reading (for
+    checkpoints storing ``[in, out]`` where the model wants ``[out, in]``).
+    """
+
+    fused: tuple[str, str] | None = None
+    per_expert: tuple[tuple[tuple[str, str], ...], ...] | None = None
+    transpose: bool = False
+
+    def __post_init__(self):
+        if (self.fused is None) == (self.per_expert is None):
+            raise ValueError("TensorSource needs exactly one of fused=(file, name) or per_expert=((pieces), ...)")
+
+
+class _Piece(NamedTuple):
+    fd_key: str          # file path (key into the store's fds)
+    name: str
+    offset: int          # absolute byte offset of this expert's piece
+    nbytes: int
+    shape: tuple[int, ...]   # on-disk shape of the piece
+    dtype: torch.dtype       # on-disk dtype
+    rows: tuple[int, int]    # dim-0 range of the destination it fills
+    transpose: bool          # swap the last two dims after reading
+
+
+def _pread_into(fd: int, path: str, buf: memoryview, offset: int) -> None:
+    got, n = 0, len(buf)
+    while got < n:
+        k = os.preadv(fd, [buf[got:]], offset + got)
+        if k <= 0:
+            raise OSError(f"short read from {path}: wanted {n} bytes at offset {offset}, got {got} (file changed?)")
+        got += k
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (any dtype, incl. bf16)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class SafetensorsExpertStore(ExpertStore):
+    """Experts read on demand from safetensors files; never all experts in RAM.
+
+    ``sources``: layer -> {tensor name in the expert (e.g. ``"up"``): TensorSource}.
+    ``dtype``: convert to this dtype when reading (default: the checkpoint's dtype,
+    or ``expected[layer].dtype`` when ``expected`` is given). ``expected``: the
+    model's specs to check the checkpoint against (experts, shapes).
+
+    Construction validates everything (files exist, headers parse, tensors present,
+    shapes/dtypes consistent, files not truncated) so reads cannot fail for those
+    reasons later. Each ``read_into`` issues one ``preadv`` per piece straight into
+    the destination when no conversion/transpose is needed, else into a small temp.
+    """
+
+    def __init__(
+        self,
+        sources: dict[int, dict[str, TensorSource]],
+        dtype: torch.dtype | None = None,
+        *,
+        expected: dict[int, ExpertSpec] | None = None,
+    ):
+        if sys.byteorder != "little":
+            raise ValueError("SafetensorsExpertStore needs a little-endian host (safetensors data is little-endian)")
+        self._plans: dict[int, dict[str, list[list[_Piece]]]] = {}
+        self._fds: dict[str, int] = {}
+        self._headers: dict[str, dict[str, TensorEntry]] = {}
+        self._sizes: dict[str, int] = {}
+        specs = {}
+        try:
+            for layer, tensors in sources.items():
+                layer = int(layer)
+                if not tensors:
+                    raise ValueError(f"layer {layer}: no expert tensors given")
+                exp = expected.get(layer) if expected else None
+                if expected is not None and exp is None:
+                    raise ValueError(f"layer {layer} is not in the expected specs (layers {sorted(expected)})")
+                shapes, plans, disk_dtypes, num = {}, {}, set(), None
+                for name, src in tensors.items():
+                    shape, plan, ddt = self._plan(layer, name, src)
+                    if num is None:
+                        num = len(plan)
+                    elif len(plan) != num:
+                        raise ValueError(
+                            f"layer {layer}: tensor {name!r} has {len(plan)} experts, the layer's other tensors have {num}"
+                        )
+                    shapes[name], plans[name] = shape, plan
+                    disk_dtypes |= ddt
+                if exp is not None:
+                    if exp.num_experts != num or exp.shapes != shapes:
+                        raise ValueError(
+                            f"layer {layer}: checkpoint gives {num} experts with shapes {shapes}, "
+                            f"the model expects {exp.num_experts} experts with shapes {exp.shapes}"
+                        )
+                target = dtype or (exp.dtype if exp is not None else None)
+                if target is None:
+                    if len(disk_dtypes) != 1:
+                        raise ValueError(
+                            f"layer {layer}: expert tensors have mixed dtypes {sorted(map(str, disk_dtypes))} "
+                            "in the checkpoint; pass dtype= to convert them to one"
+                        )
+                    (target,) = disk_dtypes
+                specs[layer] = ExpertSpec(num, shapes, target)
+                self._plans[layer] = plans
+        except BaseException:
+            self._close_fds(self._fds)
+            raise
+        self.specs = specs
+        self._headers, self._sizes = {}, {}
+        self._finalizer = weakref.finalize(self, SafetensorsExpertStore._close_fds, self._fds)
+
+    # -- construction helpers
+
+    def _entry(self, file: str, name: str) -> TensorEntry:
+        file = os.fspath(file)
+        entry = _read_header(file, self._headers).get(name)
+        if entry is None:
+            raise ValueError(f"tensor {name!r} missing from {file}")
+        size = self._sizes.get(file)
+        if size is None:
+            size = self._sizes[file] = os.path.getsize(file)
+        if size < entry.end:
+            raise ValueError(
+                f"checkpoint {file} is truncated: tensor {name!r} needs bytes up to {entry.end} "
+                f"but the file has {size}"
+            )
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return entry
+
+    @staticmethod
+    def _piece_shape(shape: tuple[int, ...], transpose: bool, file: str, name: str) -> tuple[int, ...]:
+        if not transpose:
+            return shape
+        if len(shape) < 2:
+            raise ValueError(f"tensor {name!r} in {file} has shape {list(shape)}: cannot transpose its last two dims")
+        return shape[:-2] + (shape[-1], shape[-2])
+
+    def _plan(self, layer: int, name: str, src: TensorSource):
+        """-> (per-expert shape, [expert][pieces], set of on-disk dtypes)."""
+        if not isinstance(src, TensorSource):
+            raise ValueError(f"layer {layer} tensor {name!r}: expected a TensorSource, got {type(src).__name__}")
+        if src.fused is not None:
+            file, tname = src.fused
+            entry = self._entry(file, tname)
+            if len(entry.shape) < 1:
+                raise ValueError(f"tensor {tname!r} in {file} is 0-dim: a fused expert tensor needs an expert axis")
+            num, row = entry.shape[0], entry.shape[1:]
+            row_bytes = _numel(row) * _itemsize(entry.dtype)
+            out_shape = self._piece_shape(row, src.transpose, file, tname)
+            rows = (0, out_shape[0]) if out_shape else (0, 0)
+            plan = [
+                [_Piece(entry.file, tname, entry.begin + e * row_bytes, row_bytes, row, entry.dtype, rows, src.transpose)]
+                for e in range(num)
+            ]
+            return out_shape, plan, {entry.dtype}
+        plan, shape, dtypes = [], None, set()
+        if len(src.per_expert) == 0:
+            raise ValueError(f"layer {layer} tensor {name!r}: per_expert lists no experts")
+        for e, pieces in enumerate(src.per_expert):
+            if len(pieces) == 0:
+                raise ValueError(f"layer {layer} tensor {name!r}: expert {e} has no pieces")
+            out_pieces, r0, rest = [], 0, None
+            for file, tname in pieces:
+                entry = self._entry(file, tname)
+                pshape = self._piece_shape(entry.shape, src.transpose, file, tname)
+                if len(pshape) < 1:
+                    if len(pieces) > 1:
+                        raise ValueError(f"tensor {tname!r} in {file} is 0-dim: cannot concatenate it along dim 0")
+                    rows = (0, 0)
+                else:
+                    if rest is None:
+                        rest = pshape[1:]
+                    elif pshape[1:] != rest:
+                        raise ValueError(
+                            f"layer {layer} tensor {name!r} expert {e}: piece {tname!r} in {file} has shape "
+                            f"{list(pshape)}, which cannot be concatenated along dim 0 with trailing dims {list(rest)}"
+                        )
+                    rows = (r0, r0 + pshape[0])
+                    r0 += pshape[0]
+                dtypes.add(entry.dtype)
+                out_pieces.append(
+                    _Piece(entry.file, tname, entry.begin, entry.end - entry.begin, entry.shape, entry.dtype, rows,
+                           src.transpose)
+                )
+            eshape = (r0, *rest) if rest is not None else ()
+            if shape is None:
+                shape = eshape
+            elif eshape != shape:
+                raise ValueError(
+                    f"layer {layer} tensor {name!r}: expert {e} has shape {list(eshape)}, expert 0 has {list(shape)}"
+                )
+            plan.append(out_pieces)
+        return shape, plan, dtypes
+
+    @staticmethod
+    def _close_fds(fds: dict[str, int]) -> None:
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        fds.clear()
+
+    # -- reading
+
+    def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
+        spec = self._check_key(layer, expert)
+        _check_out(spec, layer, out)
+        fds = self._fds
+        if not fds:
+            raise RuntimeError("SafetensorsExpertStore is closed")
+        for name, plans in self._plans[layer].items():
+            dest_full = out[name]
+            for p in plans[expert]:
+                dest = dest_full if dest_full.dim() == 0 else dest_full[p.rows[0]:p.rows[1]]
+                fd = fds[p.fd_key]
+                if (not p.transpose and dest.dtype == p.dtype and dest.device.type == "cpu"
+                        and dest.is_contiguous()):
+                    # no conversion: the bytes land straight in the destination's memory
+                    _pread_into(fd, p.fd_key, _bytes_view(dest), p.offset)
+                    continue
+                tmp = torch.empty(p.shape, dtype=p.dtype)
+                _pread_into(fd, p.fd_key, _bytes_view(tmp), p.offset)
+                if p.transpose:
+                    tmp = tmp.transpose(-1, -2)
+                with torch.no_grad():
+                    dest.copy_(tmp.reshape(dest.shape) if dest.dim() == 0 else tmp)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+# ------------------------------------------------------------------- test hook
+
+
+class FaultInjectingStore(ExpertStore):
+    """Test hook: wraps a store and misbehaves on chosen reads.
+
+    ``faults``: ``{(layer, expert): n}`` raise ``exc`` on the first ``n`` reads of
+    that expert (``None``: on every read); an iterable of keys means always.
+    ``thread_prefix``: only fail reads made from threads whose name starts with
+    it (the cache's prefetch worker is named ``"expertflow-prefetch"``).
+    ``gate``: a ``threading.Event`` every read waits on first (lets a test hold a
+    load "in flight"); ``delay``: seconds each read sleeps.
+    ``reads`` counts reads per key (attempts, failed ones included).
+    """
+
+    def __init__(
+        self,
+        inner: ExpertStore,
+        faults: Mapping[tuple[int, int], int | None] | Iterable[tuple[int, int]] = (),
+        *,
+        exc: type[BaseException] = OSError,
+        thread_prefix: str | None = None,
+        gate: threading.Event | None = None,
+        delay: float = 0.0,
+    ):
+        self.inner = inner
+        self.specs = inner.specs
+        self.faults = dict(faults) if isinstance(faults, Mapping) else {tuple(k): None for k in faults}
+        self.exc, self.thread_prefix, self.gate, self.delay = exc, thread_prefix, gate, delay
+        self.reads: dict[tuple[int, int], int] = {}
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
+        key = (layer, expert)
+        if self.gate is not None:
+            self.gate.wait()
+        if self.delay:
+            import time
+
+            time.sleep(self.delay)
+        with self._lock:
+            self.reads[key] = self.reads.get(key, 0) + 1
+            fail = False
+            if key in self.faults and (
+                self.thread_prefix is None or threading.current_thread().name.startswith(self.thread_prefix)
+            ):
+                left = self.faults[key]
+                if left is None:
+                    fail = True
+                elif left > 0:
+                    self.faults[key] = left - 1
+                    fail = True
+            if fail:
+                self.failures += 1
+        if fail:
+            raise self.exc(f"injected fault reading expert {expert} of layer {layer}")
+        self.inner.read_into(layer, expert, out)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,125 @@
+"""Models that are not (fully) matchable stay exact and are reported."""
+
+import torch
+import torch.nn as nn
+
+import expertflow_compile as ef
+from expertflow_compile.testing.tiny_models import build_tiny_model
+
+from helpers import CapturingBackend, assert_fp32_close, count
+
+
+def test_dense_model_compiles_exactly_with_zero_blocks():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    x = torch.randint(0, 64, (2, 6))
+    compiled = torch.compile(model, backend=CapturingBackend())
+    with torch.no_grad():
+        assert_fp32_close(compiled(x).logits, model(x).logits)
+    report = ef.explain(model, x)
+    assert report.blocks == [] and report.untouched == []
+    assert "0 MoE block(s) rewritten" in str(report)
+
+
+def test_eager_expert_loop_stays_exact_and_is_reported_unmatched():
+    model = build_tiny_model("mixtral", experts_implementation="eager")
+    x = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        ref = model(x).logits
+        out = torch.compile(model, backend=CapturingBackend())(x).logits
+    assert_fp32_close(out, ref)
+    report = ef.explain(model, x)
+    assert report.blocks == []
+    assert report.untouched, "the split-off expert loop must be reported"
+    assert all("not in this graph" in b.reason for b in report.untouched)
+
+
+class _OddExperts(nn.Module):
+    """Looks like HF experts (3-D weights, grouped dispatch) but doubles every token's
+    output after the combine: the structure matches, the numbers would not."""
+
+    def __init__(self, E=4, H=16, I=8):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, H) * 0.1)
+        self.down_proj = nn.Parameter(torch.randn(E, H, I) * 0.1)
+
+    def forward(self, x, ids, w):
+        T, K = ids.shape
+        rows = x.repeat_interleave(K, dim=0)
+        flat = ids.reshape(-1)
+        h = torch.bmm(self.gate_up_proj[flat], rows.unsqueeze(-1)).squeeze(-1)
+        g, u = h.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(g) * u
+        y = torch.bmm(self.down_proj[flat], h.unsqueeze(-1)).squeeze(-1)
+        y = y * w.reshape(-1).unsqueeze(-1)
+        return (y.view(T, K, -1).sum(1) * torch.arange(1, T + 1, dtype=x.dtype).unsqueeze(-1)).to(x.dtype)
+
+
+class _OddMoE(nn.Module):
+    def __init__(self, E=4, H=16):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = _OddExperts(E, H)
+
+    def forward(self, x):
+        probs = self.router(x).softmax(-1)
+        w, ids = torch.topk(probs, 2, dim=-1)
+        return x + self.experts(x, ids, w)
+
+
+def test_block_that_fails_the_self_check_is_left_untouched_and_exact():
+    torch.manual_seed(0)
+    model = _OddMoE().eval()
+    x = torch.randn(5, 16)
+    backend = CapturingBackend()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+        ref = model(x)
+    assert_fp32_close(out, ref)
+    assert count(backend.graphs[0], "grouped_gemm") == 0
+    report = ef.explain(model, x)
+    assert len(report.untouched) == 1 and "disagrees" in report.untouched[0].reason
+
+
+def test_custom_moe_with_standard_combine_is_matched():
+    """The same module without the odd scaling is a plain MoE: matched and exact."""
+    torch.manual_seed(0)
+    model = _OddMoE().eval()
+    model.experts.forward = lambda x, ids, w: _standard(model.experts, x, ids, w)
+    x = torch.randn(5, 16)
+    backend = CapturingBackend()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+        ref = model(x)
+    assert_fp32_close(out, ref)
+    assert count(backend.graphs[0], "grouped_gemm") == 1
+
+
+def _standard(self, x, ids, w):
+    T, K = ids.shape
+    rows = x.repeat_interleave(K, dim=0)
+    flat = ids.reshape(-1)
+    h = torch.bmm(self.gate_up_proj[flat], rows.unsqueeze(-1)).squeeze(-1)
+    g, u = h.chunk(2, dim=-1)
+    h = torch.nn.functional.silu(g) * u
+    y = torch.bmm(self.down_proj[flat], h.unsqueeze(-1)).squeeze(-1)
+    y = y * w.reshape(-1).unsqueeze(-1)
+    return y.view(T, K, -1).sum(1).to(x.dtype)
+
+
+def test_prefetch_survives_dead_code_elimination():
+    model = build_tiny_model("mixtral")
+    backend = CapturingBackend()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.zeros(1, 4, dtype=torch.long))
+    gm = backend.graphs[0]
+    before = count(gm, "prefetch")
+    gm.graph.eliminate_dead_code()
+    assert count(gm, "prefetch") == before == model.config.num_hidden_layers
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "prefetch" in str(n.target):
+            assert any("grouped_gemm" in str(u.target) for u in n.users)
