@@ -1,6 +1,8 @@
 """The ``expertflow`` command.
 
 Subcommands:
+  run     generate with the shipped model (or --model) under an expert budget and
+          print the text and the cache statistics next to the fully resident run
   graph   compile a model with the backend and print what was matched and rewritten
 """
 
@@ -55,10 +57,118 @@ def cmd_graph(args) -> int:
     return 0
 
 
+SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny_mixtral")
+
+
+def _shipped_or(path: str | None) -> str:
+    path = path or SHIPPED_MODEL
+    if not os.path.isdir(path):
+        raise CLIError(f"model path {path!r} is not a directory")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CLIError(f"{path!r} has no config.json: not a Hugging Face checkpoint")
+    return path
+
+
+def _load_checkpoint(path: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"cannot read a transformers config from {path!r}: {exc}") from None
+    if not any(hasattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise CLIError(f"{path!r} is not a Mixture-of-Experts model ({type(cfg).__name__} has no experts)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def _generate(model, ids, max_new_tokens: int, desc: str):
+    import time
+
+    from tqdm import tqdm
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False)
+
+    class _Tick(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            bar.update(1)
+            return False
+
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                         stopping_criteria=StoppingCriteriaList([_Tick()]),
+                         pad_token_id=model.config.eos_token_id)
+    dt = time.perf_counter() - t0
+    bar.close()
+    return out, dt
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    import expertflow_compile as ef
+    from .config import ExpertFlowConfig
+
+    try:
+        budget = int(args.budget) if str(args.budget).isdigit() else args.budget
+        ExpertFlowConfig.from_options({"expert_budget": budget, "policy": args.policy})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    path = _shipped_or(args.model)
+    torch.manual_seed(0)
+    model, tok = _load_checkpoint(path)
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + args.max_new_tokens > limit:
+        raise CLIError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens exceeds the "
+                       f"model's context of {limit} tokens")
+    ref, t_ref = _generate(model, ids, args.max_new_tokens, "fully resident")
+    model.compile(backend="expertflow", options={"expert_budget": budget, "policy": args.policy})
+    _generate(model, ids, 2, "compiling")   # compile outside the timed run
+    ef.reset_stats(model)
+    out, t_ours = _generate(model, ids, args.max_new_tokens, f"expertflow {args.budget}")
+    s = ef.stats(model)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    print()
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if p.dim() == 3 and "experts" in n)
+    rows = [
+        ("same tokens as fully resident", str(torch.equal(out, ref))),
+        ("expert memory (budget / all experts)",
+         f"{s['budget_bytes'] / 2**20:.2f} MiB / {total / 2**20:.2f} MiB ({100 * s['budget_bytes'] / max(total, 1):.0f}%)"),
+        ("peak expert cache", f"{s['peak_cache_bytes'] / 2**20:.2f} MiB"),
+        ("hit rate", f"{s['hit_rate']:.3f}"),
+        ("ready rate", f"{s['ready_rate']:.3f}"),
+        ("prefetch precision (used / issued)",
+         f"{s['prefetch_precision']:.3f} ({s['prefetch_used'] + s['prefetch_late']}/{s['prefetch_issued']})"),
+        ("loads (demand + prefetch)", f"{s['demand_loads']} + {s['prefetch_loads']}"),
+        ("bytes moved", f"{s['bytes_moved'] / 2**20:.2f} MiB ({s['bytes_moved'] / args.max_new_tokens / 2**10:.1f} KiB/token)"),
+        ("stall time", f"{s['stall_seconds']:.3f} s"),
+        ("tokens/s (expertflow / resident)",
+         f"{args.max_new_tokens / t_ours:.1f} / {args.max_new_tokens / t_ref:.1f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"expertflow run: {os.path.basename(os.path.normpath(path))}, budget {args.budget}, policy {args.policy}, "
+          f"{args.max_new_tokens} new tokens")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertflow", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="generate under an expert budget and print cache statistics")
+    r.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
+    r.add_argument("--budget", default="25%", help='expert budget: "25%%", "2MiB" or experts per layer')
+    r.add_argument("--policy", default="lru", help="cache policy: lru, lfu or predictive")
+    r.add_argument("--prompt", default="The Python standard library", help="the prompt")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.set_defaults(func=cmd_run)
     g = sub.add_parser("graph", help="print the MoE blocks the backend finds and the rewritten graph")
     g.add_argument("--family", default="mixtral", help="a built-in tiny model family (default: mixtral)")
     g.add_argument("--model", default=None, help="a local Hugging Face checkpoint directory instead")

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+from expertflow_compile.cli import main
+
+
+def test_graph_prints_every_layer(capsys):
+    assert main(["graph", "--family", "gpt_oss", "--seq-len", "4", "--code"]) == 0
+    out = capsys.readouterr().out
+    assert "2 MoE block(s) rewritten" in out
+    assert "layer 0: rewritten" in out and "layer 1: rewritten" in out
+    assert "expertflow.grouped_gemm" in out   # the rewritten code
+
+
+def test_graph_bad_model_path_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "expertflow_compile.cli", "graph", "--model", "/nonexistent"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "not a directory" in proc.stderr
+
+
+def test_run_bad_budget_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "expertflow_compile.cli", "run", "--budget", "lots"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "expert_budget" in proc.stderr
+
+
+def test_run_on_shipped_model_same_tokens_at_25_percent(capsys):
+    assert main(["run", "--budget", "25%", "--max-new-tokens", "6", "--prompt", "import os"]) == 0
+    out = capsys.readouterr().out
+    table = dict(line.strip().split("  ", 1) for line in out.splitlines()
+                 if line.startswith("  ") and "  " in line.strip())
+    table = {k.strip(): v.strip() for k, v in table.items()}
+    assert table["same tokens as fully resident"] == "True"
+    assert "(25%)" in table["expert memory (budget / all experts)"]
+    assert 0.0 <= float(table["hit rate"]) <= 1.0
+
+
+def test_run_non_moe_model_is_one_line_exit_2(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "expertflow_compile.cli", "run", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a Mixture-of-Experts model" in proc.stderr
+    assert "Traceback" not in proc.stderr
