@@ -8,6 +8,7 @@ grouped-GEMM nodes served by an expert cache. See the README.
 from .api import explain, reset_stats, stats
 from .backend import expertflow_backend
 from .config import ExpertFlowConfig
+from .loading import from_pretrained
 
-__all__ = ["explain", "stats", "reset_stats", "expertflow_backend", "ExpertFlowConfig"]
+__all__ = ["explain", "stats", "reset_stats", "expertflow_backend", "ExpertFlowConfig", "from_pretrained"]
 __version__ = "0.1.0"
