@@ -53,4 +53,4 @@ def stats(model) -> dict:
 def reset_stats(model) -> None:
     """Zero the counters of ``model``'s engine."""
     for eng in engines_for_module(_module_of(model)):
-        eng.stats.reset()
+        eng.reset_stats()

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .config import ExpertFlowConfig
+from .passes.lookahead import plan_lookahead
 from .passes.match import MoEBlock, find_moe_blocks
 from .passes.report import BlockReport, GraphReport
 from .passes.rewrite import rewrite_moe_block
@@ -60,8 +61,9 @@ def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig) 
 
 
 def _prediction_width(blocks: list[MoEBlock], config: ExpertFlowConfig) -> int:
-    widest = max((b.top_k for b in blocks), default=1)
-    return max(1, config.lookahead_depth * (widest + config.prefetch_extra))
+    """Room for every expert of ``lookahead_depth`` layers (a batch can touch them all)."""
+    widest = max((b.num_experts for b in blocks), default=1)
+    return max(1, config.lookahead_depth * widest)
 
 
 def compile_graph(
@@ -77,6 +79,7 @@ def compile_graph(
     good = [b for i, b in enumerate(result.blocks) if checks.get(i) is None or checks[i].ok]
     engine = _engine_for(good, values, config) if good else None
     width = _prediction_width(good, config)
+    lookahead = plan_lookahead(good)
     for i, block in enumerate(result.blocks):
         check = checks.get(i)
         entry = BlockReport(
@@ -101,7 +104,10 @@ def compile_graph(
             has_down_bias=block.down_bias is not None,
         )
         engine.register_layer(plan, [values.get(p) for p in block.params()])
-        rewrite_moe_block(gm, block, engine.id, width)
+        source = lookahead.get(block.layer)
+        if source is not None:
+            engine.register_router(block.layer, source.fn, [values.get(p) for p in source.params])
+        rewrite_moe_block(gm, block, engine.id, width, source.source if source is not None else None)
         entry.rewritten = True
         report.blocks.append(entry)
     for u in result.unmatched:

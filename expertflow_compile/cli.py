@@ -114,7 +114,8 @@ def cmd_run(args) -> int:
 
     try:
         budget = int(args.budget) if str(args.budget).isdigit() else args.budget
-        ExpertFlowConfig.from_options({"expert_budget": budget, "policy": args.policy})
+        options = {"expert_budget": budget, "policy": args.policy, "predictor": args.predictor}
+        ExpertFlowConfig.from_options(options)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     path = _shipped_or(args.model)
@@ -126,7 +127,7 @@ def cmd_run(args) -> int:
         raise CLIError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens exceeds the "
                        f"model's context of {limit} tokens")
     ref, t_ref = _generate(model, ids, args.max_new_tokens, "fully resident")
-    model.compile(backend="expertflow", options={"expert_budget": budget, "policy": args.policy})
+    model.compile(backend="expertflow", options=options)
     _generate(model, ids, 2, "compiling")   # compile outside the timed run
     ef.reset_stats(model)
     out, t_ours = _generate(model, ids, args.max_new_tokens, f"expertflow {args.budget}")
@@ -142,6 +143,8 @@ def cmd_run(args) -> int:
         ("peak expert cache", f"{s['peak_cache_bytes'] / 2**20:.2f} MiB"),
         ("hit rate", f"{s['hit_rate']:.3f}"),
         ("ready rate", f"{s['ready_rate']:.3f}"),
+        ("predictor precision / recall",
+         f"{s['predictor_precision']:.3f} / {s['predictor_recall']:.3f} ({args.predictor})"),
         ("prefetch precision (used / issued)",
          f"{s['prefetch_precision']:.3f} ({s['prefetch_used'] + s['prefetch_late']}/{s['prefetch_issued']})"),
         ("loads (demand + prefetch)", f"{s['demand_loads']} + {s['prefetch_loads']}"),
@@ -152,6 +155,7 @@ def cmd_run(args) -> int:
     ]
     width = max(len(r[0]) for r in rows)
     print(f"expertflow run: {os.path.basename(os.path.normpath(path))}, budget {args.budget}, policy {args.policy}, "
+          f"predictor {args.predictor}, "
           f"{args.max_new_tokens} new tokens")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
     r.add_argument("--budget", default="25%", help='expert budget: "25%%", "2MiB" or experts per layer')
     r.add_argument("--policy", default="lru", help="cache policy: lru, lfu or predictive")
+    r.add_argument("--predictor", default="lookahead", help="expert predictor: none or lookahead")
     r.add_argument("--prompt", default="The Python standard library", help="the prompt")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.set_defaults(func=cmd_run)

@@ -69,6 +69,7 @@ class MoEBlock:
     activation: str
     router_weight: fx.Node | None = None
     layout: str = ""
+    router: fx.Node | None = None    # the router linear (its logits feed the routing math)
 
     def params(self) -> list[fx.Node]:
         return [n for n in (self.up_weight, self.down_weight, self.up_bias, self.down_bias) if n is not None]
@@ -406,7 +407,7 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
         math=ExpertMath(up_transposed=up_t, down_transposed=down_t, gate_fn=gate_fn, post_fn=post_fn),
         rows_dtype=tensor_meta(down_out).dtype, out_features=tensor_meta(down_out).shape[-1],
         dispatch=dispatch, routing=_routing_description(ids, weights, router),
-        activation=_describe_fn(gate_seg), router_weight=router_w, layout=layout,
+        activation=_describe_fn(gate_seg), router_weight=router_w, layout=layout, router=router,
     )
 
 

@@ -48,14 +48,25 @@ def _first_user_position(block: MoEBlock) -> fx.Node:
     return block.output
 
 
-def rewrite_moe_block(gm: fx.GraphModule, block: MoEBlock, engine_id: int, width: int) -> fx.Node:
-    """Rewrite one block; returns the new ``grouped_gemm`` node."""
+def rewrite_moe_block(gm: fx.GraphModule, block: MoEBlock, engine_id: int, width: int,
+                      predict_from: fx.Node | None = None) -> fx.Node:
+    """Rewrite one block; returns the new ``grouped_gemm`` node.
+
+    ``predict_from`` is where the prediction for this block is made (the residual
+    stream before the block's attention, see ``lookahead.py``); default: the block's
+    own hidden state.
+    """
     graph = gm.graph
+    source = predict_from if predict_from is not None else block.hidden
     fake_mode = None
     meta_stack = block.output.meta.get("nn_module_stack")
 
-    with graph.inserting_after(block.hidden):
-        predicted = graph.call_function(torch.ops.expertflow.predict.default, (block.hidden, engine_id, block.layer, width))
+    if source.op == "placeholder":
+        where = graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder"))
+    else:
+        where = graph.inserting_after(source)
+    with where:
+        predicted = graph.call_function(torch.ops.expertflow.predict.default, (source, engine_id, block.layer, width))
     with graph.inserting_after(predicted):
         token = graph.call_function(torch.ops.expertflow.prefetch.default, (predicted, engine_id, block.layer))
     with graph.inserting_before(block.output):

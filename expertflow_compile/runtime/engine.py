@@ -24,8 +24,10 @@ __all__ = ["ExpertEngine", "LayerPlan", "get_engine", "engine_for_tensor", "engi
 
 log = logging.getLogger("expertflow_compile")
 
-_ENGINES: dict[int, "ExpertEngine"] = {}
-_BY_TENSOR: dict[int, tuple[weakref.ref, int]] = {}
+# engines are owned by their model: each expert weight tensor holds its engine in the
+# attribute ``_expertflow_engine``; this registry only maps graph ids to live engines
+_ENGINES: "weakref.WeakValueDictionary[int, ExpertEngine]" = weakref.WeakValueDictionary()
+_ATTR = "_expertflow_engine"
 _IDS = itertools.count(1)
 _LOCK = threading.Lock()
 LAYER_SHIFT = 20  # predicted ids are encoded layer << LAYER_SHIFT | expert
@@ -56,12 +58,10 @@ def get_engine(engine_id: int) -> "ExpertEngine":
                            "or reset); recompile the model") from None
 
 
-def engine_for_tensor(t: torch.Tensor) -> "ExpertEngine | None":
+def engine_for_tensor(t: torch.Tensor | None) -> "ExpertEngine | None":
     """The engine serving the expert weight tensor ``t`` (None if there is none)."""
-    entry = _BY_TENSOR.get(id(t))
-    if entry is None or entry[0]() is not t:
-        return None
-    return _ENGINES.get(entry[1])
+    eng = getattr(t, _ATTR, None) if t is not None else None
+    return eng if eng is not None and not eng._closed else None
 
 
 def engines_for_module(module: torch.nn.Module) -> list["ExpertEngine"]:
@@ -103,8 +103,10 @@ class ExpertEngine:
         self.store = None            # the host tier when offloading
         self.predictor = None
         self.graph_reports: list = []
-        self._tensor_ids: list[int] = []
         self._layer_tensors: dict[int, dict[str, torch.Tensor]] = {}
+        self.routers: dict[int, tuple] = {}
+        self._predicted: dict[int, set[int]] = {}
+        self.prediction = {"true_positive": 0, "predicted": 0, "used": 0}
         self._cache_layers: tuple[int, ...] = ()
         self._closed = False
         with _LOCK:
@@ -119,22 +121,48 @@ class ExpertEngine:
             k: v for k, v in (("up", up), ("down", down), ("up_bias", b_up), ("down_bias", b_down)) if v is not None
         }
         for t in tensors:
-            if t is None:
-                continue
-            with _LOCK:
-                _BY_TENSOR[id(t)] = (weakref.ref(t), self.id)
-                self._tensor_ids.append(id(t))
-            weakref.finalize(t, _forget_tensor, id(t), self.id)
+            if t is not None:
+                setattr(t, _ATTR, self)   # the model owns its engine (and so its cache thread)
 
     # ----- ops ----------------------------------------------------------------------
+    def register_router(self, layer: int, fn, params: list[torch.Tensor]) -> None:
+        """Layer ``layer``'s router chain, ``fn(h, *params) -> logits``, applicable to the
+        residual stream before its attention (used by the lookahead predictor)."""
+        self.routers[layer] = (fn, params)
+
     def predict(self, layer: int, hidden: torch.Tensor, width: int) -> torch.Tensor:
         out = torch.full((width,), -1, dtype=torch.int64, device=hidden.device)
-        if self.predictor is not None:
-            ids = self.predictor.predict(layer, hidden)
-            n = min(width, len(ids))
+        if self.config.predictor == "lookahead":
+            codes = self._lookahead(layer, hidden)
+            n = min(width, len(codes))
             if n:
-                out[:n] = torch.as_tensor(ids[:n], dtype=torch.int64)
+                out[:n] = torch.as_tensor(codes[:n], dtype=torch.int64)
         return out
+
+    def _lookahead(self, layer: int, hidden: torch.Tensor) -> list[int]:
+        """Apply the routers of ``layer`` .. ``layer + depth - 1`` to ``hidden``; per layer the
+        union of each token's top (k + prefetch_extra) experts, most voted first."""
+        order = sorted(self.layers)
+        if layer not in order:
+            return []
+        start = order.index(layer)
+        codes: list[int] = []
+        with torch.no_grad():
+            for target in order[start:start + self.config.lookahead_depth]:
+                router = self.routers.get(target)
+                if router is None:
+                    continue
+                fn, params = router
+                logits = fn(hidden, *params)
+                logits = logits.reshape(-1, logits.shape[-1]).float()
+                plan = self.layers[target]
+                k = min(plan.top_k + self.config.prefetch_extra, plan.num_experts)
+                top = logits.topk(k, dim=-1).indices.reshape(-1)
+                votes = torch.bincount(top, minlength=plan.num_experts)
+                ranked = [e for e in torch.argsort(votes, descending=True, stable=True).tolist() if votes[e] > 0]
+                self._predicted[target] = set(ranked)
+                codes.extend((target << LAYER_SHIFT) | e for e in ranked)
+        return codes
 
     def prefetch(self, layer: int, predicted: torch.Tensor) -> None:
         if self.cache is None:
@@ -151,6 +179,12 @@ class ExpertEngine:
         plan = self.layers[layer]
         offs = offsets.tolist()
         active = [e for e in range(plan.num_experts) if offs[e + 1] > offs[e]]
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            p = self.prediction
+            p["true_positive"] += len(predicted.intersection(active))
+            p["predicted"] += len(predicted)
+            p["used"] += len(active)
         top_k = topk_weights.shape[-1]
         rows = hidden[order // top_k]
         out_rows = torch.zeros(rows.shape[0], plan.out_features, dtype=plan.rows_dtype,
@@ -180,8 +214,16 @@ class ExpertEngine:
             finally:
                 cache.release(layer, e)
 
+    def reset_stats(self) -> None:
+        self.stats.reset()
+        self.prediction = dict.fromkeys(self.prediction, 0)
+
     def stats_dict(self) -> dict:
         d = self.stats.as_dict()
+        p = self.prediction
+        d["predictor"] = self.config.predictor
+        d["predictor_precision"] = p["true_positive"] / p["predicted"] if p["predicted"] else 0.0
+        d["predictor_recall"] = p["true_positive"] / p["used"] if p["used"] else 0.0
         d["layers"] = sorted(self.layers)
         d["offloading"] = self.cache is not None
         return d
@@ -234,19 +276,7 @@ class ExpertEngine:
             self.store.close()
         with _LOCK:
             _ENGINES.pop(self.id, None)
-            for tid in self._tensor_ids:
-                entry = _BY_TENSOR.get(tid)
-                if entry is not None and entry[1] == self.id:
-                    _BY_TENSOR.pop(tid, None)
-
-
-def _forget_tensor(tensor_id: int, engine_id: int) -> None:
-    """When a model's weights die, its engine (and any worker thread) goes with them."""
-    with _LOCK:
-        entry = _BY_TENSOR.get(tensor_id)
-        if entry is not None and entry[1] == engine_id:
-            _BY_TENSOR.pop(tensor_id, None)
-        still_used = any(e[1] == engine_id for e in _BY_TENSOR.values())
-        engine = _ENGINES.get(engine_id)
-    if engine is not None and not still_used:
-        engine.close()
+        for tensors in self._layer_tensors.values():
+            for t in tensors.values():
+                if getattr(t, _ATTR, None) is self:
+                    delattr(t, _ATTR)

@@ -1,0 +1,75 @@
+"""Lookahead prediction: placed before the layer's attention, exact whatever it says."""
+
+import torch
+
+import expertflow_compile as ef
+from expertflow_compile.runtime.engine import LAYER_SHIFT, engines_for_module
+from expertflow_compile.testing.tiny_models import build_tiny_model
+
+from helpers import CapturingBackend, assert_fp32_close
+
+
+def test_predict_reads_the_residual_before_attention():
+    model = build_tiny_model("mixtral", num_layers=3)
+    backend = CapturingBackend({"predictor": "lookahead"})
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(torch.zeros(1, 4, dtype=torch.long))
+    gm = backend.graphs[0]
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    predicts = [n for n in nodes if "predict" in str(n.target)]
+    sdpa = [n for n in nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert len(predicts) == 3 and len(sdpa) == 3
+    for layer, (p, attn) in enumerate(zip(predicts, sdpa)):
+        assert p.args[2] == layer
+        assert pos[p] < pos[attn], f"layer {layer}: prediction must come before its attention"
+
+
+def test_lookahead_is_exact_and_raises_ready_rate():
+    model = build_tiny_model("mixtral", num_layers=3, seed=4)
+    x = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(x, max_new_tokens=12, do_sample=False)
+    model.compile(backend="expertflow", options={"expert_budget": "50%", "predictor": "lookahead",
+                                                  "prefetch_extra": 1})
+    assert torch.equal(model.generate(x, max_new_tokens=12, do_sample=False), ref)
+    s = ef.stats(model)
+    assert s["predictor_recall"] > 0.5
+    assert s["prefetch_issued"] > 0
+
+
+def test_deliberately_wrong_predictor_same_tokens_more_loads():
+    def run(wrong: bool):
+        torch._dynamo.reset()
+        model = build_tiny_model("mixtral", num_layers=3, seed=4)
+        x = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+        ref = model.generate(x, max_new_tokens=10, do_sample=False)
+        model.compile(backend="expertflow", options={"expert_budget": "50%", "predictor": "lookahead"})
+        with torch.no_grad():
+            model(x)   # compile
+        (engine,) = engines_for_module(model)
+        if wrong:
+            good = engine._lookahead
+
+            def inverted(layer, hidden):
+                codes = good(layer, hidden)
+                by_layer = {}
+                for c in codes:
+                    by_layer.setdefault(c >> LAYER_SHIFT, set()).add(c & ((1 << LAYER_SHIFT) - 1))
+                engine._predicted.clear()
+                out = []
+                for l, chosen in by_layer.items():
+                    rest = [e for e in range(engine.layers[l].num_experts) if e not in chosen]
+                    engine._predicted[l] = set(rest)
+                    out.extend((l << LAYER_SHIFT) | e for e in rest)
+                return out
+
+            engine._lookahead = inverted
+        ef.reset_stats(model)
+        out = model.generate(x, max_new_tokens=10, do_sample=False)
+        return torch.equal(out, ref), ef.stats(model)
+
+    same_good, good = run(False)
+    same_bad, bad = run(True)
+    assert same_good and same_bad
+    assert bad["misses"] > good["misses"]
+    assert bad["predictor_recall"] < good["predictor_recall"]
