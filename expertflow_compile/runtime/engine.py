@@ -105,6 +105,10 @@ class ExpertEngine:
         self.graph_reports: list = []
         self._layer_tensors: dict[int, dict[str, torch.Tensor]] = {}
         self.routers: dict[int, tuple] = {}
+        # recorder(kind, layer, *tensors): kind "route" -> (ids [T, K], weights [T, K]) at each
+        # grouped_gemm; kind "lookahead" -> (router logits [T, E] of `layer` applied to the
+        # residual stream before its attention). Set by record_routing.
+        self.recorder = None
         self._predicted: dict[int, set[int]] = {}
         self.prediction = {"true_positive": 0, "predicted": 0, "used": 0}
         self._cache_layers: tuple[int, ...] = ()
@@ -132,8 +136,14 @@ class ExpertEngine:
 
     def predict(self, layer: int, hidden: torch.Tensor, width: int) -> torch.Tensor:
         out = torch.full((width,), -1, dtype=torch.int64, device=hidden.device)
-        if self.config.predictor == "lookahead":
+        codes = None
+        if self.predictor is not None:        # a plug-in: path / oracle (runtime/predictors.py)
+            codes = self.predictor.predict(self, layer, hidden)
+        elif self.config.predictor == "lookahead" or self.recorder is not None:
             codes = self._lookahead(layer, hidden)
+            if self.config.predictor != "lookahead":
+                codes = None                  # recorded only
+        if codes:
             n = min(width, len(codes))
             if n:
                 out[:n] = torch.as_tensor(codes[:n], dtype=torch.int64)
@@ -155,6 +165,8 @@ class ExpertEngine:
                 fn, params = router
                 logits = fn(hidden, *params)
                 logits = logits.reshape(-1, logits.shape[-1]).float()
+                if self.recorder is not None and target == layer:
+                    self.recorder("lookahead", target, logits)
                 plan = self.layers[target]
                 k = min(plan.top_k + self.config.prefetch_extra, plan.num_experts)
                 top = logits.topk(k, dim=-1).indices.reshape(-1)
@@ -179,6 +191,11 @@ class ExpertEngine:
         plan = self.layers[layer]
         offs = offsets.tolist()
         active = [e for e in range(plan.num_experts) if offs[e + 1] > offs[e]]
+        if self.recorder is not None:
+            ids = torch.empty(order.numel(), dtype=torch.int64)
+            for e in active:
+                ids[order[offs[e]:offs[e + 1]]] = e
+            self.recorder("route", layer, ids.view(-1, top_k), topk_weights.detach().float())
         predicted = self._predicted.pop(layer, None)
         if predicted is not None:
             p = self.prediction
@@ -231,6 +248,10 @@ class ExpertEngine:
     def on_graph_compiled(self, placeholder_values: dict) -> None:
         """Called after each graph of the model is rewritten: (re)build the expert cache
         when a budget is set and the engine now knows layers the cache does not."""
+        if self.config.predictor in ("path", "oracle") and self.predictor is None:
+            from .predictors import make_predictor   # the predictor issue's plug-ins
+
+            self.predictor = make_predictor(self.config, self)
         if not self.layers or tuple(sorted(self.layers)) == self._cache_layers:
             return
         store = next((attached_store(t.get("up")) for t in self._layer_tensors.values()
