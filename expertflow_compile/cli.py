@@ -1,6 +1,8 @@
 """The ``expertflow`` command.
 
 Subcommands:
+  bench   one run, same prompts: HF resident, HF + accelerate offload, expertflow
+          LRU / lookahead at several budgets; a table, a JSON and a PNG
   run     generate with the shipped model (or --model) under an expert budget and
           print the text and the cache statistics next to the fully resident run
   graph   compile a model with the backend and print what was matched and rewritten
@@ -162,6 +164,47 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from . import bench
+
+    path = _shipped_or(args.model)
+    try:
+        bw = bench.parse_bandwidth(args.link_bandwidth)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    for b in budgets:
+        try:
+            ExpertFlowConfig_check(b)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    modes = [m.strip() for m in args.modes.split(",")]
+    bad = [m for m in modes if m not in bench.MODES + ("ef-path", "ef-oracle")]
+    if bad:
+        raise CLIError(f"unknown mode(s) {bad}; modes: {', '.join(bench.MODES)}, ef-path, ef-oracle")
+    rows = bench.run_bench(path, budgets, modes, args.new_tokens, link_bandwidth=bw,
+                           predictor_path=args.predictor_path)
+    link = f", emulated link {args.link_bandwidth} (EMULATED: loads sleep bytes/bandwidth)" if bw else ""
+    title = (f"expertflow bench: {os.path.basename(os.path.normpath(path))}, {len(bench.DEFAULT_PROMPTS)} prompts "
+             f"x {args.new_tokens} new tokens, 1 thread per mode{link}")
+    print(title)
+    print(bench.format_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"title": title, "rows": rows}, f, indent=1)
+    bench.plot(rows, os.path.join(args.out, "bench.png"), title)
+    print(f"wrote {os.path.join(args.out, 'bench.json')} and bench.png")
+    return 0
+
+
+def ExpertFlowConfig_check(budget: str) -> None:
+    from .config import ExpertFlowConfig
+
+    ExpertFlowConfig.from_options({"expert_budget": int(budget) if budget.isdigit() else budget})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertflow", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", default="The Python standard library", help="the prompt")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.set_defaults(func=cmd_run)
+    b = sub.add_parser("bench", help="side-by-side decode benchmark: HF resident, accelerate, expertflow")
+    b.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
+    b.add_argument("--budgets", default="12.5%,25%,50%", help="comma-separated expert budgets")
+    b.add_argument("--modes", default=",".join(("hf-resident", "hf-accelerate", "ef-lru", "ef-lookahead")))
+    b.add_argument("--new-tokens", type=int, default=16)
+    b.add_argument("--link-bandwidth", default=None, help='emulate a host-device link, e.g. "2GB/s"')
+    b.add_argument("--predictor-path", default=None, help="for ef-path / ef-oracle modes")
+    b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
+    b.set_defaults(func=cmd_bench)
     g = sub.add_parser("graph", help="print the MoE blocks the backend finds and the rewritten graph")
     g.add_argument("--family", default="mixtral", help="a built-in tiny model family (default: mixtral)")
     g.add_argument("--model", default=None, help="a local Hugging Face checkpoint directory instead")

@@ -46,3 +46,23 @@ def test_run_non_moe_model_is_one_line_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a Mixture-of-Experts model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_small_table_json_png(tmp_path, capsys):
+    import json
+
+    out_dir = tmp_path / "b"
+    assert main(["bench", "--modes", "hf-resident,ef-lru", "--budgets", "50%", "--new-tokens", "2",
+                 "--link-bandwidth", "1GB/s", "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "EMULATED" in printed
+    rows = json.loads((out_dir / "bench.json").read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"hf-resident", "ef-lru"}
+    ef_row = next(r for r in rows if r["mode"] == "ef-lru")
+    assert ef_row["same_tokens_as_resident"] is True
+    assert ef_row["expert_bytes_resident"] < next(r for r in rows if r["mode"] == "hf-resident")["expert_bytes_resident"]
+    assert (out_dir / "bench.png").stat().st_size > 1000
+
+
+def test_bench_bad_bandwidth_exit_2():
+    assert main(["bench", "--link-bandwidth", "fast"]) == 2
