@@ -191,6 +191,7 @@ class ExpertEngine:
         plan = self.layers[layer]
         offs = offsets.tolist()
         active = [e for e in range(plan.num_experts) if offs[e + 1] > offs[e]]
+        top_k = topk_weights.shape[-1]
         if self.recorder is not None:
             ids = torch.empty(order.numel(), dtype=torch.int64)
             for e in active:
@@ -202,7 +203,6 @@ class ExpertEngine:
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
-        top_k = topk_weights.shape[-1]
         rows = hidden[order // top_k]
         out_rows = torch.zeros(rows.shape[0], plan.out_features, dtype=plan.rows_dtype,
                                device=hidden.device)
