@@ -14,7 +14,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import torch
 import torch.fx as fx
 
 from .config import ExpertFlowConfig

@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=8)
     g.add_argument("--code", action="store_true", help="also print the rewritten graph's code")
     g.set_defaults(func=cmd_graph)
+    from .cli_predict import add_commands
+
+    add_commands(sub)   # trace, train-predictor, eval
     return p
 
 

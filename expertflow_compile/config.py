@@ -67,6 +67,8 @@ class ExpertFlowConfig:
             inputs at compile time; a block that disagrees is left untouched.
         inner_backend: what runs the rewritten graph: ``eager``, ``aot_eager``, ``inductor``.
         prefetch: run loads on a background worker (CUDA side stream / CPU thread).
+        resident_first: within a layer, compute the experts already resident first while
+            the missing ones load (False: expert-id order, for measurements).
     """
 
     expert_budget: Any = None
@@ -79,6 +81,7 @@ class ExpertFlowConfig:
     verify: bool = True
     inner_backend: str = "eager"
     prefetch: bool = True
+    resident_first: bool = True
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -113,7 +116,7 @@ class ExpertFlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} is not valid; it must be an int >= {low}")
-        for name in ("verify", "prefetch"):
+        for name in ("verify", "prefetch", "resident_first"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; it must be True or False")
         if self.predictor_path is not None and not isinstance(self.predictor_path, str):

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["ScheduleResult", "routing_signatures", "form_batches", "batch_cost", "generate_batched"]
@@ -68,21 +69,33 @@ def routing_signatures(model, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def _expert_sets(sigs: torch.Tensor, coverage: float) -> list[set[tuple[int, int]]]:
     """Per prompt: the (layer, expert) pairs that cover ``coverage`` of each layer's assignments."""
-    sets = []
-    for sig in sigs:
-        s = set()
-        for layer, row in enumerate(sig):
-            vals, idx = torch.sort(row, descending=True)
-            cum = torch.cumsum(vals, 0)
-            keep = int((cum < coverage).sum().item()) + 1
-            s.update((layer, int(e)) for e in idx[:keep].tolist() if row[e] > 0)
-        sets.append(s)
-    return sets
+    keep = _keep(sigs, coverage)
+    return [{(int(l), int(e)) for l, e in torch.nonzero(k).tolist()} for k in keep]
+
+
+def _keep(sigs: torch.Tensor, coverage: float) -> torch.Tensor:
+    """[N, L, E] bool: the most used experts of each layer until ``coverage`` is reached."""
+    vals, idx = torch.sort(sigs, dim=-1, descending=True)
+    before = torch.cumsum(vals, -1) - vals          # share covered before this expert
+    keep_sorted = (before < coverage) & (vals > 0)
+    return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
 
 
 def batch_cost(sets: list[set], batches: list[list[int]]) -> int:
     """Sum over batches of distinct (layer, expert) pairs the batch uses."""
     return sum(len(set().union(*(sets[i] for i in b))) for b in batches)
+
+
+def _union(masks: list[int], members: list[int]) -> int:
+    m = 0
+    for i in members:
+        m |= masks[i]
+    return m
+
+
+def _without_each(masks: list[int], members: list[int]) -> list[int]:
+    """For each position, the union of the other members' masks."""
+    return [_union(masks, members[:k] + members[k + 1:]) for k in range(len(members))]
 
 
 def form_batches(sigs: torch.Tensor, batch_size: int, *, coverage: float = 0.9,
@@ -91,31 +104,34 @@ def form_batches(sigs: torch.Tensor, batch_size: int, *, coverage: float = 0.9,
     n = sigs.shape[0]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sets = _expert_sets(sigs, coverage)
+    keep = _keep(sigs, coverage).reshape(n, -1).to(torch.uint8).numpy()
+    masks = [int.from_bytes(np.packbits(row, bitorder="little").tobytes(), "little") for row in keep]
     left = set(range(n))
     batches: list[list[int]] = []
     while left:
-        seed = max(left, key=lambda i: (len(sets[i]), -i))
-        batch, used = [seed], set(sets[seed])
+        seed = max(left, key=lambda i: (masks[i].bit_count(), -i))
+        batch, used = [seed], masks[seed]
         left.discard(seed)
         while len(batch) < batch_size and left:
-            best = min(left, key=lambda i: (len(sets[i] - used), i))
+            best = min(left, key=lambda i: ((masks[i] & ~used).bit_count(), i))
             batch.append(best)
-            used |= sets[best]
+            used |= masks[best]
             left.discard(best)
         batches.append(batch)
     for _ in range(swap_rounds):   # pairwise swaps between batches while they lower the cost
         improved = False
         for a in range(len(batches)):
             for b in range(a + 1, len(batches)):
-                for i in range(len(batches[a])):
-                    for j in range(len(batches[b])):
-                        before = batch_cost(sets, [batches[a], batches[b]])
-                        batches[a][i], batches[b][j] = batches[b][j], batches[a][i]
-                        if batch_cost(sets, [batches[a], batches[b]]) < before:
-                            improved = True
-                        else:
-                            batches[a][i], batches[b][j] = batches[b][j], batches[a][i]
+                A, B = batches[a], batches[b]
+                a_wo, b_wo = _without_each(masks, A), _without_each(masks, B)
+                cost = _union(masks, A).bit_count() + _union(masks, B).bit_count()
+                for i in range(len(A)):
+                    for j in range(len(B)):
+                        after = (a_wo[i] | masks[B[j]]).bit_count() + (b_wo[j] | masks[A[i]]).bit_count()
+                        if after < cost:
+                            A[i], B[j] = B[j], A[i]
+                            a_wo, b_wo = _without_each(masks, A), _without_each(masks, B)
+                            cost, improved = after, True
         if not improved:
             break
     return [sorted(b) for b in batches]

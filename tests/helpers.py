@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from expertflow_compile.backend import expertflow_backend
 
 DISPATCH_OPS = ("grouped_mm_fallback", "_grouped_mm", "grouped_mm", "bmm")

@@ -6,7 +6,7 @@ import expertflow_compile as ef
 from expertflow_compile.runtime.engine import LAYER_SHIFT, engines_for_module
 from expertflow_compile.testing.tiny_models import build_tiny_model
 
-from helpers import CapturingBackend, assert_fp32_close
+from helpers import CapturingBackend
 
 
 def test_predict_reads_the_residual_before_attention():

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
-from .fx_utils import ancestors, descendants, extract_subgraph, input_nodes_of, is_op, node_value, tensor_meta
+from .fx_utils import ancestors, descendants, extract_subgraph, input_nodes_of, is_op, tensor_meta
 from .match import MoEBlock
 
 __all__ = ["LookaheadSource", "plan_lookahead"]

@@ -19,7 +19,6 @@ with the reason in ``MatchResult.unmatched``.
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass, field
 

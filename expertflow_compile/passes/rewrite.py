@@ -43,11 +43,6 @@ def _set_meta(node: fx.Node, fake_mode) -> None:
     node.meta["example_value"] = out
 
 
-def _first_user_position(block: MoEBlock) -> fx.Node:
-    """The earliest region node: permute/grouped_gemm go in right before the output."""
-    return block.output
-
-
 def rewrite_moe_block(gm: fx.GraphModule, block: MoEBlock, engine_id: int, width: int,
                       predict_from: fx.Node | None = None) -> fx.Node:
     """Rewrite one block; returns the new ``grouped_gemm`` node.

@@ -207,6 +207,10 @@ class ExpertCache:
         self._freq: Counter = Counter()
         self._hints: dict[int, dict[int, int]] = {}
         self._clock = 0
+        self._layer_runs: Counter = Counter()
+        # predictive policy: experts without a prediction get an estimated next use from
+        # their layer's position and their use frequency (False: unpredicted = never again)
+        self.estimate_unhinted = True
         self._last_layer: int | None = None
         self._protected: dict[int, set[_Slot]] = {}   # layer -> its protected prefetched slots
         self._load_ids = itertools.count(1)
@@ -471,6 +475,7 @@ class ExpertCache:
                     slot.protected = False
             self._last_layer = layer
             self._clock += 1
+            self._layer_runs[layer] += 1
 
     def _add_hints(self, layer: int, experts, distance: int, *, replace: bool) -> None:
         due = self._clock + distance
@@ -491,7 +496,22 @@ class ExpertCache:
             return (self._freq[slot.key], slot.last_use)
         layer, expert = slot.key
         due = self._hints.get(layer, {}).get(expert)
-        return (-math.inf if due is None else -due, slot.last_use)
+        if due is not None:     # on equal distances an unpredicted expert goes first
+            return (-(due - self._clock), 1, slot.last_use)
+        return (-self._estimated_distance(slot.key), 0, slot.last_use)
+
+    def _estimated_distance(self, key) -> float:
+        """Layer calls until an unpredicted expert is likely needed: the calls until its
+        layer runs again, plus whole passes while it is not chosen (its past share of
+        its layer's runs as the chance of being chosen in a run)."""
+        if not self.estimate_unhinted:
+            return math.inf
+        layer = key[0]
+        n = len(self._layer_pos)
+        here = self._layer_pos.get(self._last_layer, 0)
+        steps = (self._layer_pos[layer] - here) % n or n
+        chance = min(1.0, self._freq[key] / max(1, self._layer_runs[layer]))
+        return math.inf if chance <= 0 else steps + n * (1.0 / chance - 1.0)
 
     def _find_victim(self, protect, *, demand: bool) -> _Slot | None:
         """A slot to load into (lock held): a free one, a new one within budget, or

@@ -222,7 +222,9 @@ class ExpertEngine:
         cache, layer = self.cache, plan.layer
         resident = [e for e in active if cache.is_resident(layer, e)]
         missing = [e for e in active if e not in set(resident)]
-        if missing:   # residents are named too: the request never evicts them
+        if not self.config.resident_first:   # measurement baseline: expert-id order, loads on demand
+            resident, missing = [], list(active)
+        elif missing:   # residents are named too: the request never evicts them
             cache.prefetch(layer, resident + missing)
         for e in resident + missing:
             weights = cache.acquire(layer, e)

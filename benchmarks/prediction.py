@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Expert prediction and cache policies on the shipped tiny Mixtral (issue 4).
+
+1. Record the routing of TRAINING documents (python3.11-doc minus the held-out split of
+   scripts/prepare_corpus.py) and train the path predictor on it.
+2. Record the routing of the HELD-OUT text (expertflow_compile/assets/heldout.txt).
+3. On the held-out trace: per-layer precision / recall of the lookahead and path
+   predictors, and a cache replay (the real ExpertCache policy code, slots shared by all
+   layers) of LRU, LFU, predictive+lookahead, predictive+path, predictive+oracle and
+   Belady's MIN at 12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8.
+
+Writes benchmarks/results/prediction.json and prediction.png. Intermediate files
+(traces, predictor) go to --work (reused when present).
+
+    python benchmarks/prediction.py [--work /tmp/efp] [--train-tokens 102400] [--max-tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from expertflow_compile.cli import SHIPPED_MODEL, _load_checkpoint
+    from expertflow_compile.cli_predict import (DOC_SEPARATOR, evaluate, format_tables, text_batches,
+                                                training_documents)
+    from expertflow_compile.runtime.predictors import PathPredictor, train_path_predictor
+    from expertflow_compile.runtime.trace import RoutingTrace, record_routing
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/efp")
+    ap.add_argument("--train-tokens", type=int, default=102400)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens replayed per mode")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    model, tok = _load_checkpoint(SHIPPED_MODEL)
+    t0 = time.perf_counter()
+
+    train_trace_path = os.path.join(args.work, "train_trace.safetensors")
+    if not os.path.exists(train_trace_path):
+        docs = training_documents()
+        docs.sort(key=lambda t: hashlib.sha256(t.encode()).hexdigest())   # mix doc kinds, deterministic
+        batches = text_batches(tok, DOC_SEPARATOR.join(docs), max_tokens=args.train_tokens)
+        record_routing(model, batches).save(train_trace_path)
+    pred_path = os.path.join(args.work, "path.safetensors")
+    if not os.path.exists(pred_path):
+        trace = RoutingTrace.load(train_trace_path, model=model)
+        train_path_predictor(trace, model, epochs=args.epochs).save(pred_path)
+    heldout_path = os.path.join(args.work, "heldout_trace.safetensors")
+    if not os.path.exists(heldout_path):
+        text = open(os.path.join(os.path.dirname(SHIPPED_MODEL), "heldout.txt"), encoding="utf-8").read()
+        record_routing(model, text_batches(tok, text)).save(heldout_path)
+
+    heldout = RoutingTrace.load(heldout_path, model=model)
+    pred = PathPredictor.load(pred_path, model=model)
+    result = evaluate(heldout, pred, model, max_tokens=args.max_tokens)
+    result["predictor_training"] = pred.metrics
+    result["setup"] = {
+        "model": "expertflow_compile/assets/tiny_mixtral (6 MoE layers x 8 experts, top-2)",
+        "train_trace_tokens": RoutingTrace.load(train_trace_path).num_tokens,
+        "heldout_trace_tokens": heldout.num_tokens,
+        "replayed_tokens_per_mode": args.max_tokens,
+        "prefetch_model": "prefetches complete before the layer's experts are acquired (synchronous worker)",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    table = format_tables(result)
+    print(table)
+    with open(os.path.join(args.out, "prediction.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    _plot(result, os.path.join(args.out, "prediction.png"))
+    print(f"wrote {args.out}/prediction.json and prediction.png")
+    return 0
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "lookahead"): "pred+lookahead",
+              ("predictive", "path"): "pred+path", ("predictive", "oracle"): "pred+oracle", ("min", "none"): "MIN"}
+    batches = sorted({r["batch"] for r in result["replay"]})
+    fig, axes = plt.subplots(2, len(batches) + 1, figsize=(5 * (len(batches) + 1), 8))
+    for j, b in enumerate(batches):
+        rows = [r for r in result["replay"] if r["batch"] == b]
+        for key, label in labels.items():
+            pts = sorted((r["budget"], r["ready_rate"], r["loads_per_token"]) for r in rows
+                         if (r["policy"], r["predictor"]) == key)
+            if not pts:
+                continue
+            xs = [100 * p[0] for p in pts]
+            axes[0, j].plot(xs, [p[1] for p in pts], marker="o", label=label)
+            axes[1, j].plot(xs, [p[2] for p in pts], marker="o", label=label)
+        name = "decode (batch 1)" if b == 1 else f"batch {b}"
+        axes[0, j].set_title(f"ready rate, {name}")
+        axes[1, j].set_title(f"loads per token, {name}")
+        for i in range(2):
+            axes[i, j].set_xlabel("expert budget (% of all experts)")
+            axes[i, j].grid(alpha=0.3)
+        axes[0, j].legend(fontsize=8)
+    q = result["prediction"]
+    ax = axes[0, -1]
+    for name, per in q.items():
+        layers = sorted(per, key=int)
+        ax.plot([int(l) for l in layers], [per[l]["recall"] for l in layers], marker="o", label=f"{name} recall")
+        ax.plot([int(l) for l in layers], [per[l]["precision"] for l in layers], marker="x", ls="--",
+                label=f"{name} precision")
+    ax.set_title("prediction quality per MoE layer (held-out)")
+    ax.set_xlabel("MoE layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    axes[1, -1].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""``expertflow trace``, ``expertflow train-predictor`` and ``expertflow eval``.
+
+``add_commands(subparsers)`` registers them on the ``expertflow`` parser (cli.py):
+
+  trace            text file -> routing trace (safetensors)
+  train-predictor  routing trace -> path-predictor file; prints validation precision/recall
+  eval             held-out trace (or text) + predictor -> prediction quality and cache
+                   replay tables (LRU, LFU, predictive + lookahead/path/oracle, MIN)
+
+``evaluate(...)`` is the evaluation itself (benchmarks/prediction.py calls it too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+__all__ = ["add_commands", "evaluate", "format_tables", "text_batches", "training_documents", "DOC_SEPARATOR"]
+
+DOC_SEPARATOR = "\n<|endoftext|>\n"
+PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
+HOLDOUT_MOD = 20     # scripts/prepare_corpus.py's split: held out iff sha256(relpath)[:8] % 20 == 0
+
+
+def training_documents(source_dir: str = PYTHON_DOCS) -> list[str]:
+    """The TRAINING documents of the shipped model's corpus (python3.11-doc sources minus the
+    held-out split of scripts/prepare_corpus.py), normalised as that script does."""
+    import re
+
+    if not os.path.isdir(source_dir):
+        raise FileNotFoundError(f"{source_dir} not found: apt-get install -y python3.11-doc")
+    docs = []
+    for root, _dirs, files in os.walk(source_dir):
+        for name in sorted(files):
+            if not name.endswith((".txt", ".rst")):
+                continue
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, source_dir)
+            if int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) % HOLDOUT_MOD == 0:
+                continue                      # held out: never train on it
+            text = open(full, "rb").read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+            text = "\n".join(line.rstrip() for line in text.split("\n"))
+            text = re.sub(r"\n{4,}", "\n\n\n", text).strip() + "\n"
+            if text.strip():
+                docs.append((rel, text))
+    return [t for _, t in sorted(docs)]
+
+
+def text_batches(tok, text: str, *, seq_len: int = 256, batch_size: int = 8, max_tokens: int | None = None,
+                 eos_id: int | None = None):
+    """Tokenise ``text`` (documents separated by ``<|endoftext|>`` lines), join the documents
+    with the EOS token and cut the stream into [batch_size, seq_len] batches (the tail that
+    does not fill a whole sequence is dropped)."""
+    import torch
+
+    eos = tok.eos_token_id if eos_id is None else eos_id
+    stream: list[int] = []
+    for doc in text.split(DOC_SEPARATOR):
+        if doc.strip():
+            stream.extend(tok(doc, add_special_tokens=False).input_ids)
+            stream.append(eos)
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    n_seq = len(stream) // seq_len
+    if n_seq == 0:
+        raise ValueError(f"the text has {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    seqs = torch.tensor(stream[:n_seq * seq_len]).view(n_seq, seq_len)
+    return [seqs[i:i + batch_size] for i in range(0, n_seq, batch_size)]
+
+
+def _load(path: str | None):
+    from .cli import CLIError, _load_checkpoint, _shipped_or
+
+    try:
+        return _load_checkpoint(_shipped_or(path))
+    except CLIError:
+        raise
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), batches=(1, 8),
+             max_tokens: int | None = 8192, extra: int = 1, progress: bool = True) -> dict:
+    """Prediction quality and cache replay on a held-out ``trace`` (see the module docstring).
+
+    ``predictor``: a PathPredictor (needs ``model`` for the token embeddings) or None."""
+    from tqdm import tqdm
+
+    from .runtime.predictors import _embeddings, path_features, prediction_metrics
+    from .runtime.replay import (belady_min, bypass_bound, call_predictions, candidate_sets, layer_calls, replay,
+                                 slots_for_share)
+
+    layers = list(trace.layers)
+    sources = {"lookahead": candidate_sets(trace, "lookahead", extra)} if trace.lookahead_ids else {}
+    if predictor is not None:
+        if model is None:
+            raise ValueError("evaluate: a path predictor needs the model (token embeddings)")
+        feats = path_features(_embeddings(model, trace.token_ids), trace.seq_offsets, predictor.context)
+        cand = predictor.candidates(feats, extra)
+        sources["path"] = {l: cand[:, i] for i, l in enumerate(predictor.layers)}
+    sources["oracle"] = candidate_sets(trace, "oracle")
+    quality = {}
+    for name in ("lookahead", "path"):
+        if name in sources:
+            quality[name] = {}
+            for l in layers:
+                p, r = prediction_metrics(sources[name][l], trace.ids[l])
+                quality[name][str(l)] = {"precision": p, "recall": r}
+    result = {"tokens_in_trace": trace.num_tokens, "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
+              "prediction": quality, "replay": []}
+    total = sum(trace.num_experts[l] for l in layers)
+    jobs = []
+    for b in batches:
+        calls = layer_calls(trace, b, max_tokens)
+        preds = {name: call_predictions(trace, calls, cands) for name, cands in sources.items()}
+        for share in budgets:
+            jobs.append((b, share, calls, preds))
+    runs = [("lru", "none"), ("lfu", "none"), ("predictive", "lookahead"), ("predictive", "path"),
+            ("predictive", "oracle")]
+    bar = tqdm(total=len(jobs) * (len(runs) + 1), desc="cache replay", unit="run", disable=not progress)
+    for b, share, calls, preds in jobs:
+        slots = slots_for_share(trace, share)
+        rows = []
+        for policy, pred in runs:
+            if pred != "none" and pred not in preds:
+                continue
+            r = replay(trace, calls, slots, policy, pred, predictions=preds.get(pred))
+            rows.append(r.as_dict())
+            bar.update(1)
+        m = belady_min(calls, slots).as_dict()
+        m["bypass_bound_loads"] = bypass_bound(calls, slots)
+        rows.append(m)
+        bar.update(1)
+        for r in rows:
+            r.update(batch=b, budget=share, total_experts=total)
+        result["replay"].extend(rows)
+    bar.close()
+    return result
+
+
+def format_tables(result: dict) -> str:
+    lines = []
+    q = result["prediction"]
+    if q:
+        layers = sorted({l for v in q.values() for l in v}, key=int)
+        lines.append("Per-layer prediction quality (held-out, per token, top-k+%s candidates): precision / recall"
+                     % (int(next(iter(result["candidates_per_token"].values()))) - 2))
+        lines.append("  predictor  " + "  ".join(f"layer {l:>2}   " for l in layers) + "  mean")
+        for name, per in q.items():
+            ps = [per[l]["precision"] for l in layers]
+            rs = [per[l]["recall"] for l in layers]
+            lines.append(f"  {name:<9}  " + "  ".join(f"{p:.2f} / {r:.2f}" for p, r in zip(ps, rs))
+                         + f"  {sum(ps) / len(ps):.2f} / {sum(rs) / len(rs):.2f}")
+        lines.append("")
+    names = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "lookahead"): "predictive+lookahead",
+             ("predictive", "path"): "predictive+path", ("predictive", "oracle"): "predictive+oracle",
+             ("min", "none"): "MIN (Belady)"}
+    rows = result["replay"]
+    for b in sorted({r["batch"] for r in rows}):
+        sub = [r for r in rows if r["batch"] == b]
+        budgets = sorted({r["budget"] for r in sub})
+        tokens = sub[0]["tokens"]
+        lines.append(f"Cache replay, {'decode (batch 1)' if b == 1 else f'batch {b}'}, {tokens} tokens: "
+                     "ready rate / loads per token")
+        slots = {s: next(r for r in sub if r["budget"] == s)["slots"] for s in budgets}
+        head = "  " + "policy".ljust(22) + "".join(("%g%% (%d slots)" % (100 * s, slots[s])).rjust(22) for s in budgets)
+        lines.append(head)
+        for key, label in names.items():
+            cells = []
+            for s in budgets:
+                r = next((r for r in sub if r["budget"] == s and (r["policy"], r["predictor"]) == key), None)
+                cells.append(f"{'-':>22}" if r is None else f"{r['ready_rate']:.3f} / {r['loads_per_token']:.3f}".rjust(22))
+            lines.append(f"  {label:<22}" + "".join(cells))
+        mins = [next(r for r in sub if r["budget"] == s and r["policy"] == "min") for s in budgets]
+        lines.append(f"  {'(bypass lower bound)':<22}" + "".join(
+            ("loads %.3f" % (m["bypass_bound_loads"] / m["tokens"])).rjust(22) for m in mins))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_trace(args) -> int:
+    import torch
+
+    from .runtime.trace import record_routing
+
+    torch.manual_seed(0)
+    model, tok = _load(args.model)
+    text = open(args.text, encoding="utf-8").read()
+    batches = text_batches(tok, text, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    trace = record_routing(model, batches, progress=True)
+    trace.meta.update(source=os.path.basename(args.text), seq_len=args.seq_len)
+    trace.save(args.out)
+    print(f"recorded {trace.num_tokens} tokens ({trace.num_sequences} sequences of {args.seq_len}) through MoE "
+          f"layers {trace.layers} -> {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import time
+
+    from .runtime.predictors import train_path_predictor
+    from .runtime.trace import RoutingTrace
+
+    model, _tok = _load(args.model)
+    trace = RoutingTrace.load(args.trace, model=model)
+    t0 = time.perf_counter()
+    pred = train_path_predictor(trace, model, epochs=args.epochs, context=args.context, width=args.width,
+                                lr=args.lr, progress=True)
+    pred.save(args.out)
+    print(f"trained on {pred.metrics.get('train_tokens')} tokens in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .runtime.predictors import PathPredictor
+    from .runtime.trace import RoutingTrace, record_routing
+
+    model, tok = _load(args.model)
+    if args.trace:
+        trace = RoutingTrace.load(args.trace, model=model)
+    elif args.text:
+        torch.manual_seed(0)
+        text = open(args.text, encoding="utf-8").read()
+        trace = record_routing(model, text_batches(tok, text, seq_len=args.seq_len, batch_size=8,
+                                                   max_tokens=args.max_tokens), progress=True)
+    else:
+        from .cli import CLIError
+        raise CLIError("eval needs --trace (a held-out routing trace) or --text (held-out text)")
+    pred = PathPredictor.load(args.predictor, model=model) if args.predictor else None
+    result = evaluate(trace, pred, model, max_tokens=args.max_tokens, extra=args.extra)
+    print(format_tables(result))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Register ``trace``, ``train-predictor`` and ``eval`` on the ``expertflow`` subparsers."""
+    t = subparsers.add_parser("trace", help="record the routing of a text through a model (a routing trace file)")
+    t.add_argument("text", help="a UTF-8 text file (documents separated by <|endoftext|> lines)")
+    t.add_argument("--out", required=True, help="the trace file to write (safetensors)")
+    t.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-tokens", type=int, default=None)
+    t.set_defaults(func=cmd_trace)
+    p = subparsers.add_parser("train-predictor", help="train a path predictor on a routing trace")
+    p.add_argument("trace", help="a routing trace recorded on TRAINING text")
+    p.add_argument("--out", required=True, help="the predictor file to write (safetensors)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--context", type=int, default=4, help="previous embeddings averaged into the input (0: none)")
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.set_defaults(func=cmd_train)
+    e = subparsers.add_parser("eval", help="prediction quality and cache replay (LRU/LFU/predictive/MIN) on held-out routing")
+    e.add_argument("--trace", default=None, help="a routing trace of HELD-OUT text")
+    e.add_argument("--text", default=None, help="or held-out text to record first")
+    e.add_argument("--predictor", default=None, help="a path-predictor file (optional)")
+    e.add_argument("--model", default=None)
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--max-tokens", type=int, default=8192, help="tokens replayed per mode")
+    e.add_argument("--extra", type=int, default=1, help="candidates beyond top-k per token and layer")
+    e.add_argument("--json", default=None, help="also write the results as JSON")
+    e.set_defaults(func=cmd_eval)
+
+
+if __name__ == "__main__":      # python -m expertflow_compile.cli_predict ... (until cli.py registers these)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="expertflow")
+    add_commands(ap.add_subparsers(dest="command", required=True))
+    a = ap.parse_args()
+    sys.exit(a.func(a))
