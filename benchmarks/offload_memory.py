@@ -3,14 +3,33 @@
 Creates (once) a Mixtral-style checkpoint whose experts take >= 1 GiB (fp32, random
 weights) under ``--workdir``, then measures, each in its own fresh Python process:
 
-* ``plain``: ``AutoModelForCausalLM.from_pretrained`` + ``generate`` 32 tokens;
-* ``expertflow``: ``expertflow_compile.from_pretrained`` (experts stay on disk) +
-  ``model.compile(backend="expertflow", options={"expert_budget": "25%"})`` +
-  ``generate`` 32 tokens.
+* ``plain``: ``AutoModelForCausalLM.from_pretrained`` + ``generate``;
+* ``expertflow`` at ``--budget`` (default ``25%``): ``expertflow_compile.from_pretrained``
+  (experts stay on disk) + ``model.compile(backend="expertflow", options={"expert_budget": ...})``
+  + ``generate``;
+* ``expertflow`` at the MINIMUM budget the backend accepts (one MoE layer's top-k
+  experts: ``num_experts_per_tok`` slots, given in bytes), to separate the runtime's
+  fixed overhead from the budget-proportional memory.
 
-Peak RSS is the process's ``ru_maxrss``. The dense-only baseline is the RSS right
-after ``expertflow_compile.from_pretrained`` returns (interpreter + torch + dense
-weights, no experts). Prints a table and writes ``benchmarks/results/offload_memory.json``.
+Each child runs: imports, load, ``model.compile`` (lazy), a warm-up ``generate`` of
+``--warmup`` tokens (Dynamo traces and the backend compiles the graphs here), then the
+timed ``generate`` of ``--tokens`` tokens. RSS is read from ``/proc/self/status`` after
+each stage, and each stage's own peak is its ``VmHWM``, reset between stages by writing
+``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0; elsewhere only the whole-run peak,
+``ru_maxrss``, is known). Peak RSS = the largest stage peak.
+
+Definitions used in the report (``baseline`` = RSS right after the loader returns:
+interpreter + torch + transformers + dense weights, no experts):
+
+* over baseline = peak RSS - baseline (at ``--budget``): the headline, compared with the budget;
+* fixed runtime overhead = peak RSS at the minimum budget - its baseline - its cache bytes
+  (Dynamo import and tracing, compiled graphs and guards, code pages, the prefetch thread);
+  split per stage: ``model.compile`` (lazy), what the warm-up generate keeps, and the
+  warm-up's transient (RSS peak during it minus RSS after it);
+* budget-proportional = (peak at ``--budget`` - peak at minimum) / (budget - minimum budget):
+  1.00 means every budget byte costs exactly one byte of RSS.
+
+Prints a table and writes ``benchmarks/results/offload_memory.json``.
 
     python benchmarks/offload_memory.py            # 1.5 GiB of experts
     python benchmarks/offload_memory.py --small    # ~100 MB model, quick
@@ -43,6 +62,55 @@ def _rss() -> int:
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _proc_status() -> dict:
+    """VmRSS / VmHWM / RssAnon / RssFile in bytes (empty where /proc is missing)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                key, _, val = ln.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(val.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS, so the next reading is the next stage's own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Stages:
+    """RSS after each stage and each stage's own peak (see the module docstring)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.per_stage = _reset_hwm() and "VmHWM" in _proc_status()
+        self.first_peak = None
+
+    def mark(self, name: str, cache_bytes: int = 0) -> dict:
+        st = _proc_status()
+        rss = st.get("VmRSS", _rss())
+        if self.per_stage:
+            peak = st["VmHWM"]
+            _reset_hwm()
+        else:
+            peak = _peak_rss()
+        row = {"stage": name, "rss": rss, "stage_peak": max(peak, rss), "rss_anon": st.get("RssAnon"),
+               "rss_file": st.get("RssFile"), "cache_bytes": cache_bytes}
+        self.rows.append(row)
+        return row
+
+    def peak(self) -> int:
+        return max(r["stage_peak"] for r in self.rows)
 
 
 def _gib(n) -> str:
@@ -79,7 +147,27 @@ def ensure_model(workdir: str, sizes: dict) -> str:
 # ----------------------------------------------------------------------------- child
 
 
-def child(mode: str, path: str, tokens: int, budget: str) -> dict:
+def _min_budget(model) -> tuple[str, int, int]:
+    """The smallest expert_budget the backend accepts for ``model`` (bytes, as a string),
+    its slot count, and its bytes; checks that one byte less is refused."""
+    from expertflow_compile.runtime.budget import parse_budget
+
+    specs = model._expertflow_store.specs
+    slot = max(s.slot_nbytes() for s in specs.values())
+    need = int(model.config.num_experts_per_tok)
+    nbytes = need * slot
+    assert parse_budget(str(nbytes)).resolve_slots(specs, need) == need
+    try:
+        parse_budget(str(nbytes - 1)).resolve_slots(specs, need)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(f"expert_budget {nbytes - 1} bytes was accepted; the minimum is not {nbytes}")
+    return str(nbytes), need, nbytes
+
+
+def child(mode: str, path: str, tokens: int, budget: str, warmup: int) -> dict:
+    stages = _Stages()
     import torch
 
     torch.set_num_threads(1)
@@ -87,27 +175,48 @@ def child(mode: str, path: str, tokens: int, budget: str) -> dict:
 
     import expertflow_compile
 
-    out = {"mode": mode, "rss_after_import": _rss()}
+    out = {"mode": mode, "per_stage_peaks": stages.per_stage}
+    out["rss_after_import"] = stages.mark("imports (torch, transformers, expertflow_compile)")["rss"]
     t0 = time.time()
     if mode == "plain":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     else:
         model = expertflow_compile.from_pretrained(path, dtype=torch.float32)
     out["load_s"] = time.time() - t0
-    out["rss_after_load"] = _rss()
-    out["peak_rss_after_load"] = _peak_rss()
+    row = stages.mark("loader (dense-only baseline)" if mode == "expertflow" else "from_pretrained")
+    out["rss_after_load"] = row["rss"]
+    out["peak_rss_after_load"] = stages.peak()
+
+    cache_bytes = lambda: 0  # noqa: E731
     if mode == "expertflow":
+        if budget == "min":
+            budget, out["min_budget_slots"], out["min_budget_bytes"] = _min_budget(model)
+        out["expert_budget"] = budget
         model.compile(backend="expertflow", options={"expert_budget": budget})
+        stages.mark("model.compile (lazy)")
+        from expertflow_compile.runtime.engine import engines_for_module
+
+        def cache_bytes():
+            engines = engines_for_module(model)
+            return engines[-1].cache.allocated_bytes if engines and engines[-1].cache is not None else 0
+
     torch.manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, 16))
-    t0 = time.time()
     with torch.no_grad():
+        t0 = time.time()
+        if warmup:
+            model.generate(prompt, max_new_tokens=warmup, min_new_tokens=warmup, do_sample=False)
+        out["warmup_s"] = time.time() - t0
+        stages.mark(f"warm-up generate({warmup})" + (" [compiles]" if mode == "expertflow" else ""), cache_bytes())
+        t0 = time.time()
         ids = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    out["generate_s"] = time.time() - t0
+        out["generate_s"] = time.time() - t0
+    stages.mark(f"timed generate({tokens})", cache_bytes())
     out["new_tokens"] = int(ids.shape[1] - prompt.shape[1])
     out["tokens"] = ids[0].tolist()
-    out["peak_rss"] = _peak_rss()
-    out["rss_end"] = _rss()
+    out["stages"] = stages.rows
+    out["peak_rss"] = stages.peak()
+    out["rss_end"] = stages.rows[-1]["rss"]
     if mode == "expertflow":
         s = expertflow_compile.stats(model)
         out["stats"] = {k: s[k] for k in ("budget_bytes", "peak_cache_bytes", "bytes_moved", "hit_rate",
@@ -115,9 +224,10 @@ def child(mode: str, path: str, tokens: int, budget: str) -> dict:
     return out
 
 
-def run_child(mode: str, path: str, tokens: int, budget: str) -> dict:
+def run_child(mode: str, path: str, tokens: int, budget: str, warmup: int) -> dict:
+    print(f"running {mode} (budget {budget}) ...", flush=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--model", path,
-           "--tokens", str(tokens), "--budget", budget]
+           "--tokens", str(tokens), "--budget", budget, "--warmup", str(warmup)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -141,11 +251,54 @@ def checkpoint_bytes(path: str) -> tuple[int, int]:
     return dense, experts
 
 
+def _stage_delta(run: dict, name_prefix: str) -> dict:
+    return next(r for r in run["stages"] if r["stage"].startswith(name_prefix))
+
+
+def breakdown(run: dict) -> dict:
+    """Where an expertflow run's memory above its baseline went, per stage."""
+    base = run["rss_after_load"]
+    comp = _stage_delta(run, "model.compile")
+    warm = _stage_delta(run, "warm-up")
+    timed = _stage_delta(run, "timed")
+    cache = run["stats"]["peak_cache_bytes"]
+    return {
+        "baseline": base,
+        "peak_over_baseline": run["peak_rss"] - base,
+        "cache_bytes": cache,
+        "overhead": run["peak_rss"] - base - cache,
+        "compile_lazy": comp["rss"] - base,
+        "warmup_kept": warm["rss"] - comp["rss"] - warm["cache_bytes"],
+        "warmup_transient": warm["stage_peak"] - warm["rss"],
+        "timed_growth": timed["rss"] - warm["rss"],
+        "timed_transient": timed["stage_peak"] - timed["rss"],
+        "steady_over_baseline": timed["rss"] - base,
+    }
+
+
+def _print_table(rows) -> None:
+    w = max(len(k) for k, _ in rows)
+    print(f"{'metric':<{w}}  value")
+    print("-" * (w + 2 + 30))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def _print_stages(title: str, run: dict) -> None:
+    base = run["rss_after_load"]
+    print(f"\n{title}: RSS per stage (stage peak = the highest RSS during that stage)")
+    print(f"  {'stage':<52} {'RSS':>11} {'stage peak':>11} {'peak-base':>11} {'cache':>10}")
+    for r in run["stages"]:
+        print(f"  {r['stage']:<52} {_gib(r['rss']):>11} {_gib(r['stage_peak']):>11} "
+              f"{_gib(r['stage_peak'] - base):>11} {_gib(r['cache_bytes']):>10}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/expertflow-bench/")
     ap.add_argument("--small", action="store_true", help="a ~100 MB model (quick check)")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=4, help="tokens of the warm-up generate (0: none)")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "offload_memory.json"))
     ap.add_argument("--child", choices=["plain", "expertflow"], help=argparse.SUPPRESS)
@@ -153,7 +306,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.model, args.tokens, args.budget)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.model, args.tokens, args.budget, args.warmup)), flush=True)
         return
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -167,41 +320,78 @@ def main(argv=None):
     ).stdout.strip().splitlines()[-1]
     dense, experts = checkpoint_bytes(path)
 
-    plain = run_child("plain", path, args.tokens, args.budget)
-    ours = run_child("expertflow", path, args.tokens, args.budget)
-    budget = ours["stats"]["budget_bytes"]
-    baseline = ours["rss_after_load"]
-    over = ours["peak_rss"] - baseline
+    plain = run_child("plain", path, args.tokens, args.budget, args.warmup)
+    ours = run_child("expertflow", path, args.tokens, args.budget, args.warmup)
+    low = run_child("expertflow", path, args.tokens, "min", args.warmup)
+    budget, budget_min = ours["stats"]["budget_bytes"], low["stats"]["budget_bytes"]
+    b, m = breakdown(ours), breakdown(low)
+    over = b["peak_over_baseline"]
+    fixed = m["overhead"]
+    d_peak, d_budget = ours["peak_rss"] - low["peak_rss"], budget - budget_min
+    proportional = d_peak / d_budget if d_budget else float("nan")
 
+    print()
+    _print_stages(f"expertflow, expert_budget={args.budget!r} ({_gib(budget)})", ours)
+    _print_stages(f"expertflow, minimum expert_budget={low['expert_budget']!r} bytes "
+                  f"({low['min_budget_slots']} slots, {_gib(budget_min)})", low)
+    print()
     rows = [
         ("checkpoint", path),
-        ("dense bytes", _gib(dense)),
-        ("expert bytes", _gib(experts)),
+        ("dense bytes (checkpoint)", _gib(dense)),
+        ("expert bytes (checkpoint)", _gib(experts)),
         (f"budget bytes ({args.budget})", _gib(budget)),
+        (f"minimum budget bytes ({low['min_budget_slots']} slots = top-k of one layer)", _gib(budget_min)),
         ("peak RSS, plain HF from_pretrained + generate", _gib(plain["peak_rss"])),
         ("peak RSS, expertflow from_pretrained + compile + generate", _gib(ours["peak_rss"])),
-        ("dense-only baseline (RSS after expertflow load)", _gib(baseline)),
-        ("expertflow peak RSS - baseline", _gib(over)),
-        ("(peak RSS - baseline) / budget", f"{over / budget:.2f}"),
         ("peak RSS ratio expertflow / plain", f"{ours['peak_rss'] / plain['peak_rss']:.3f}"),
+        ("RSS after imports (interpreter, torch, transformers)", _gib(ours["rss_after_import"])),
+        ("dense-only baseline (RSS after expertflow loader)", _gib(b["baseline"])),
+        ("  loader's growth (dense weights + model code) / dense bytes",
+         f"{_gib(b['baseline'] - ours['rss_after_import'])} / {_gib(dense)}"),
+        ("HEADLINE peak RSS - baseline", f"{_gib(over)} = {over / budget:.2f} x budget"),
+        ("  target: <= budget + 10%", f"{'met' if over <= 1.10 * budget else 'NOT met'} "
+                                      f"(limit {_gib(1.10 * budget)})"),
+        ("fixed runtime overhead (peak - baseline - cache, minimum budget)", _gib(fixed)),
+        ("  model.compile (lazy: imports Dynamo)", _gib(m["compile_lazy"])),
+        ("  kept by the warm-up generate (graphs, guards, code), excl. cache", _gib(m["warmup_kept"])),
+        ("  transient during the warm-up generate (Dynamo compile)", _gib(m["warmup_transient"])),
+        ("  growth during the timed generate", _gib(m["timed_growth"])),
+        ("same overhead measured at the budget (peak - baseline - cache)", _gib(b["overhead"])),
+        ("budget-proportional: peak(budget) - peak(minimum)", _gib(d_peak)),
+        ("  / (budget - minimum budget)", f"{_gib(d_peak)} / {_gib(d_budget)} = {proportional:.3f}"),
+        ("peak RSS - baseline - fixed overhead, vs budget",
+         f"{_gib(over - fixed)} = {(over - fixed) / budget:.3f} x budget"),
+        ("steady-state RSS - baseline (after timed generate)", _gib(b["steady_over_baseline"])),
         ("peak cache bytes", _gib(ours["stats"]["peak_cache_bytes"])),
-        ("bytes moved from disk", _gib(ours["stats"]["bytes_moved"])),
-        ("generate time plain / expertflow", f"{plain['generate_s']:.1f} s / {ours['generate_s']:.1f} s"),
-        ("same greedy tokens", str(plain["tokens"] == ours["tokens"])),
+        ("bytes moved from disk (warm-up + timed)", _gib(ours["stats"]["bytes_moved"])),
+        ("hit rate", f"{ours['stats']['hit_rate']:.3f}"),
+        (f"timed generate({args.tokens}) plain / expertflow / expertflow minimum",
+         f"{plain['generate_s']:.1f} s / {ours['generate_s']:.1f} s / {low['generate_s']:.1f} s"),
+        ("same greedy tokens (plain vs expertflow, both budgets)",
+         str(plain["tokens"] == ours["tokens"] == low["tokens"])),
     ]
-    w = max(len(k) for k, _ in rows)
-    print(f"{'metric':<{w}}  value")
-    print("-" * (w + 2 + 24))
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
+    _print_table(rows)
+    if not ours["per_stage_peaks"]:
+        print("\n(note: /proc/self/clear_refs is not writable here; stage peaks are whole-run peaks so far)")
 
     result = {
         "checkpoint": path, "sizes": sizes, "small": args.small, "budget": args.budget, "tokens": args.tokens,
-        "dense_bytes": dense, "expert_bytes": experts, "budget_bytes": budget,
-        "dense_only_baseline_rss": baseline, "peak_rss_minus_baseline": over,
+        "warmup_tokens": args.warmup,
+        "dense_bytes": dense, "expert_bytes": experts, "budget_bytes": budget, "min_budget_bytes": budget_min,
+        "dense_only_baseline_rss": b["baseline"], "peak_rss_minus_baseline": over,
+        "peak_over_baseline_per_budget": over / budget,
+        "target_budget_plus_10pct_met": over <= 1.10 * budget,
+        "fixed_overhead_bytes": fixed,
+        "fixed_overhead_breakdown": {k: m[k] for k in ("compile_lazy", "warmup_kept", "warmup_transient",
+                                                       "timed_growth", "timed_transient")},
+        "overhead_at_budget_bytes": b["overhead"],
+        "budget_proportional": {"peak_delta": d_peak, "budget_delta": d_budget, "ratio": proportional},
+        "peak_minus_baseline_minus_fixed_per_budget": (over - fixed) / budget,
+        "steady_state_over_baseline": b["steady_over_baseline"],
         "plain": {k: v for k, v in plain.items() if k != "tokens"},
         "expertflow": {k: v for k, v in ours.items() if k != "tokens"},
-        "same_tokens": plain["tokens"] == ours["tokens"],
+        "expertflow_min_budget": {k: v for k, v in low.items() if k != "tokens"},
+        "same_tokens": plain["tokens"] == ours["tokens"] == low["tokens"],
         "peak_rss_ratio": ours["peak_rss"] / plain["peak_rss"],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
