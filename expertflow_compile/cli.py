@@ -6,6 +6,8 @@ Subcommands:
   run     generate with the shipped model (or --model) under an expert budget and
           print the text and the cache statistics next to the fully resident run
   graph   compile a model with the backend and print what was matched and rewritten
+  simulate  project tokens/s and memory for real model sizes on a hardware profile
+  trace / train-predictor / eval   routing traces and expert predictors
 """
 
 from __future__ import annotations
@@ -199,6 +201,76 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _heldout_trace(tokens: int):
+    """Record the shipped model's routing on held-out text (never trained on)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .runtime.trace import record_routing
+
+    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    tok.model_max_length = 10**9   # we cut the text into model-sized pieces ourselves
+    text = open(os.path.join(os.path.dirname(SHIPPED_MODEL), "heldout.txt"), encoding="utf-8").read()
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    seq = 64
+    n = max(1, tokens // seq)
+    if ids.numel() < n * seq:
+        raise CLIError(f"held-out text has only {ids.numel()} tokens")
+    batches = [ids[i * seq:(i + 1) * seq].unsqueeze(0) for i in range(n)]
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
+    return record_routing(model, batches, progress=True)
+
+
+def cmd_simulate(args) -> int:
+    import json
+
+    from . import simulate as sim
+
+    if args.hardware not in sim.PROFILES:
+        raise CLIError(f"unknown hardware profile {args.hardware!r}; known: {', '.join(sim.PROFILES)}")
+    if args.model in sim.SHAPES:
+        shape = sim.SHAPES[args.model]
+    elif os.path.isfile(args.model):
+        try:
+            shape = sim.shape_from_config(args.model)
+        except (KeyError, ValueError) as exc:
+            raise CLIError(f"{args.model}: {exc}") from None
+    else:
+        raise CLIError(f"--model {args.model!r} is neither a known shape ({', '.join(sim.SHAPES)}) "
+                       "nor a config.json path")
+    try:
+        budgets = [float(b.strip().rstrip("%")) / 100 for b in args.budgets.split(",")]
+    except ValueError:
+        raise CLIError(f"--budgets {args.budgets!r}: use shares like '12.5%,25%,50%'") from None
+    if args.trace:
+        from .runtime.trace import RoutingTrace
+
+        trace = RoutingTrace.load(args.trace)
+    else:
+        trace = _heldout_trace(args.tokens)
+    profile = sim.PROFILES[args.hardware]
+    rows = sim.simulate(trace, shape, profile, budgets, batch=args.batch, max_tokens=args.tokens)
+    print(f"expertflow simulate: {shape.name} on {profile.name}, batch {args.batch} "
+          f"(PROJECTION; assumptions below)")
+    head = f"{'budget':>7} {'policy':<22}{'tokens/s':>10}{'x resident':>11}{'device GiB':>11}{'fits':>6}" \
+           f"{'ready':>7}{'loads/tok':>10}{'stall':>7}"
+    print(head)
+    print("-" * len(head))
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        print(f"{r['budget']:>7} {r['predictor']:<22}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>11.3f}"
+              f"{r['device_GiB']:>11.1f}{str(r['fits']):>6}{r['ready_rate']:>7.3f}{r['loads_per_token']:>10.2f}"
+              f"{r['stall_share']:>7.2f}")
+    print("assumptions:")
+    for a in sim.assumptions(shape, profile):
+        print(f"  - {a}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": shape.__dict__, "profile": profile.__dict__, "rows": rows,
+                       "assumptions": sim.assumptions(shape, profile)}, f, indent=1)
+    return 0
+
+
 def ExpertFlowConfig_check(budget: str) -> None:
     from .config import ExpertFlowConfig
 
@@ -226,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--predictor-path", default=None, help="for ef-path / ef-oracle modes")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     b.set_defaults(func=cmd_bench)
+    m = sub.add_parser("simulate", help="project tokens/s and memory of real model sizes on a hardware profile")
+    m.add_argument("--model", default="mixtral-8x7b",
+                   help="mixtral-8x7b, qwen3-30b-a3b, deepseek-v3, or a path to an HF config.json")
+    m.add_argument("--hardware", default="rtx4090-pcie4", help="rtx4090-pcie4, a100-pcie4, h200-pcie5, laptop-nvme")
+    m.add_argument("--budgets", default="12.5%,25%,50%")
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--tokens", type=int, default=256, help="routing tokens to replay")
+    m.add_argument("--trace", default=None, help="a recorded routing trace (default: record the shipped model "
+                                                  "on held-out text)")
+    m.add_argument("--json", default=None)
+    m.set_defaults(func=cmd_simulate)
     g = sub.add_parser("graph", help="print the MoE blocks the backend finds and the rewritten graph")
     g.add_argument("--family", default="mixtral", help="a built-in tiny model family (default: mixtral)")
     g.add_argument("--model", default=None, help="a local Hugging Face checkpoint directory instead")

@@ -66,3 +66,23 @@ def test_bench_small_table_json_png(tmp_path, capsys):
 
 def test_bench_bad_bandwidth_exit_2():
     assert main(["bench", "--link-bandwidth", "fast"]) == 2
+
+
+def test_simulate_projects_every_budget(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--model", "mixtral-8x7b", "--hardware", "h200-pcie5", "--tokens", "64",
+                 "--budgets", "25%,50%", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "PROJECTION" in printed and "assumptions:" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["budget"] for r in rows] == ["100%", "25%", "25%", "50%", "50%"]
+    lru = {r["budget"]: r for r in rows if r["predictor"] == "lru"}
+    assert lru["50%"]["tokens_per_s"] >= lru["25%"]["tokens_per_s"]   # more budget, never slower
+    assert all(r["tokens_per_s"] <= rows[0]["tokens_per_s"] + 1e-9 for r in rows)
+    assert lru["25%"]["device_GiB"] < rows[0]["device_GiB"]
+
+
+def test_simulate_bad_profile_exit_2():
+    assert main(["simulate", "--hardware", "abacus"]) == 2

@@ -243,13 +243,14 @@ def call_predictions(trace, calls: list[LayerCall], candidates: dict[int, torch.
 
 def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: str = "none", *,
            candidates: dict[int, torch.Tensor] | None = None, issue: str = "layer",
-           predictions: list | None = None) -> ReplayResult:
+           predictions: list | None = None, per_call: list | None = None) -> ReplayResult:
     """Replay ``calls`` through an ``ExpertCache(policy)`` with ``slots`` slots.
 
     ``predictor``: ``"none"`` (demand only), ``"oracle-distance"`` (predictive policy
     hints = true next-use distance of every cached expert, no prefetch), or a name whose
     prefetches are ``predictions`` (from :func:`call_predictions`) or computed from
-    ``candidates`` and ``issue`` (see :func:`call_predictions`).
+    ``candidates`` and ``issue`` (see :func:`call_predictions`). ``per_call``: a list that
+    receives ``(prefetch_loads, demand_loads)`` of every layer call (for cost models).
     """
     store = ByteStore({l: trace.num_experts[l] for l in trace.layers})
     cache = _SyncCache(store, slots, policy)
@@ -261,6 +262,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
         cache.estimate_unhinted = False
     try:
         for i, c in enumerate(calls):
+            if per_call is not None:
+                before = (cache.stats.prefetch_loads, cache.stats.demand_loads)
             if predictions is not None:
                 for t, ranked in predictions[i]:
                     if ranked:
@@ -280,6 +283,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                     nxt = _next_after(uses, (c.layer, e), i)
                     if nxt != math.inf:
                         cache.set_predicted(c.layer, [e], nxt - i)
+            if per_call is not None:
+                per_call.append((cache.stats.prefetch_loads - before[0], cache.stats.demand_loads - before[1]))
         s = cache.stats.as_dict()
     finally:
         cache.close()
