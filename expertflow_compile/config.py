@@ -16,6 +16,7 @@ from typing import Any
 __all__ = ["ExpertFlowConfig", "POLICIES", "PREDICTORS", "INNER_BACKENDS", "HOST_TIERS"]
 
 POLICIES = ("lru", "lfu", "predictive")
+KERNELS = ("auto", "torch", "triton")
 PREDICTORS = ("none", "lookahead", "path", "oracle")
 INNER_BACKENDS = ("eager", "aot_eager", "inductor")
 HOST_TIERS = ("auto", "ram", "disk")
@@ -69,6 +70,8 @@ class ExpertFlowConfig:
         prefetch: run loads on a background worker (CUDA side stream / CPU thread).
         resident_first: within a layer, compute the experts already resident first while
             the missing ones load (False: expert-id order, for measurements).
+        kernels: the grouped GEMM implementation: ``auto`` (Triton on CUDA when the
+            layer's gating is a kind the kernels implement, else torch), ``torch``, ``triton``.
     """
 
     expert_budget: Any = None
@@ -82,6 +85,7 @@ class ExpertFlowConfig:
     inner_backend: str = "eager"
     prefetch: bool = True
     resident_first: bool = True
+    kernels: str = "auto"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -108,7 +112,8 @@ class ExpertFlowConfig:
     def _validate(self) -> None:
         _check_budget(self.expert_budget)
         for name, allowed in (("policy", POLICIES), ("predictor", PREDICTORS),
-                              ("inner_backend", INNER_BACKENDS), ("host_tier", HOST_TIERS)):
+                              ("inner_backend", INNER_BACKENDS), ("host_tier", HOST_TIERS),
+                              ("kernels", KERNELS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not valid; valid values are {list(allowed)}")

@@ -105,6 +105,7 @@ class ExpertEngine:
         self.graph_reports: list = []
         self._layer_tensors: dict[int, dict[str, torch.Tensor]] = {}
         self.routers: dict[int, tuple] = {}
+        self._kinds: dict = {}
         # recorder(kind, layer, *tensors): kind "route" -> (ids [T, K], weights [T, K]) at each
         # grouped_gemm; kind "lookahead" -> (router logits [T, E] of `layer` applied to the
         # residual stream before its attention). Set by record_routing.
@@ -203,6 +204,9 @@ class ExpertEngine:
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
+        fused = self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down)
+        if fused is not None:
+            return fused
         rows = hidden[order // top_k]
         out_rows = torch.zeros(rows.shape[0], plan.out_features, dtype=plan.rows_dtype,
                                device=hidden.device)
@@ -216,6 +220,58 @@ class ExpertEngine:
         else:
             self._cached_experts(plan, active, offs, rows, out_rows)
         return combine_topk(out_rows, topk_weights, order, hidden.dtype)
+
+    def _activation_kind(self, plan: LayerPlan, n_up: int, dtype, device):
+        """The Triton activation kind of a layer's gating (None: the kernels don't have it)."""
+        key = (plan.layer, n_up, dtype, str(device))
+        if key not in self._kinds:
+            from ..kernels.activations import classify_gate_fn
+
+            self._kinds[key] = None if plan.math.post_fn is not None else classify_gate_fn(
+                plan.math.gate_fn, n_up, dtype, device=device)
+        return self._kinds[key]
+
+    def _triton(self, plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down):
+        """The fused Triton kernels (kernels/triton_moe.py) when enabled and applicable, else None."""
+        mode = self.config.kernels
+        if mode == "torch" or (mode == "auto" and not hidden.is_cuda) or not active:
+            return None
+        if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        from ..kernels.triton_moe import slot_tables_from_views, triton_grouped_experts
+
+        n_up = (w_up.shape[-1] if plan.math.up_transposed else w_up.shape[-2])
+        kind = self._activation_kind(plan, n_up, hidden.dtype, hidden.device)
+        if kind is None:
+            if mode == "triton":
+                log.warning("expertflow: layer %d's gating is not a Triton kernel kind; using torch", plan.layer)
+            return None
+        counts = offsets[1:] - offsets[:-1]
+        ids = torch.empty_like(order)
+        ids[order] = torch.repeat_interleave(torch.arange(plan.num_experts, device=order.device), counts)
+        ids = ids.view(-1, topk_weights.shape[-1])
+        args = dict(kind=kind, up_transposed=plan.math.up_transposed, down_transposed=plan.math.down_transposed)
+        if self.cache is None:
+            self.stats.add(plan.layer, hits=len(active))
+            return triton_grouped_experts(hidden, ids, topk_weights, w_up, w_down, b_up, b_down, **args)
+        if len(active) > self.cache.num_slots:   # cannot pin them all at once: per-expert torch path
+            return None
+        cache, layer = self.cache, plan.layer
+        resident = [e for e in active if cache.is_resident(layer, e)]
+        cache.prefetch(layer, resident + [e for e in active if e not in set(resident)])
+        views = {}
+        try:
+            for e in active:
+                views[e] = cache.acquire(layer, e)
+            tables = slot_tables_from_views(views, plan.num_experts, up_transposed=plan.math.up_transposed,
+                                            down_transposed=plan.math.down_transposed, device=hidden.device)
+            out = triton_grouped_experts(hidden, ids, topk_weights, **tables, **args)
+            if hidden.is_cuda:   # the slots must stay put until the kernels have read them
+                torch.cuda.current_stream(hidden.device).synchronize()
+            return out
+        finally:
+            for e in views:
+                cache.release(layer, e)
 
     def _cached_experts(self, plan, active, offs, rows, out_rows) -> None:
         """Resident experts first while the misses load; each expert pinned only while it computes."""
