@@ -50,6 +50,8 @@ ROOT = os.path.dirname(HERE)
 
 FULL = dict(hidden_size=1024, intermediate_size=2048, num_local_experts=8, num_experts_per_tok=2,
             num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=8192)
+LARGE = dict(hidden_size=2048, intermediate_size=4096, num_local_experts=8, num_experts_per_tok=2,
+             num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, vocab_size=8192)
 SMALL = dict(hidden_size=512, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2,
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=4096)
 
@@ -297,6 +299,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/expertflow-bench/")
     ap.add_argument("--small", action="store_true", help="a ~100 MB model (quick check)")
+    ap.add_argument("--large", action="store_true", help="a model with 6 GiB of experts (plain HF peaks ~15 GiB)")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=4, help="tokens of the warm-up generate (0: none)")
     ap.add_argument("--budget", default="25%")
@@ -311,7 +314,7 @@ def main(argv=None):
 
     os.makedirs(args.workdir, exist_ok=True)
     # the model is created in a subprocess too, so this process stays small
-    sizes = SMALL if args.small else FULL
+    sizes = SMALL if args.small else LARGE if args.large else FULL
     path = subprocess.run(
         [sys.executable, "-c", "import sys, json; sys.path.insert(0, sys.argv[1]); "
          "from offload_memory import ensure_model; print(ensure_model(sys.argv[2], json.loads(sys.argv[3])))",

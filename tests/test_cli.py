@@ -86,3 +86,17 @@ def test_simulate_projects_every_budget(tmp_path, capsys):
 
 def test_simulate_bad_profile_exit_2():
     assert main(["simulate", "--hardware", "abacus"]) == 2
+
+
+def test_run_batched_prompts_file(tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("import os\ndef main():\nclass Foo:\n")
+    assert main(["run", "--prompts-file", str(f), "--batch-size", "2", "--max-new-tokens", "2",
+                 "--budget", "50%", "--schedule", "routing"]) == 0
+    out = capsys.readouterr().out
+    assert "same tokens as one-by-one fully resident  True" in out
+
+
+def test_run_prompt_longer_than_context_exit_2(capsys):
+    assert main(["run", "--max-new-tokens", "600"]) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err
