@@ -134,7 +134,7 @@ def run_mode(mode: str, path: str, budget: str, new_tokens: int, prompts=DEFAULT
 
 def run_bench(path: str, budgets, modes=MODES, new_tokens: int = 16, prompts=DEFAULT_PROMPTS,
               link_bandwidth: float | None = None, predictor_path: str | None = None,
-              progress=True) -> list[dict]:
+              progress=True, bound: bool = True) -> list[dict]:
     """Every (mode, budget) in a subprocess; ``hf-resident`` once. Returns result rows."""
     from tqdm import tqdm
 
@@ -155,7 +155,32 @@ def run_bench(path: str, budgets, modes=MODES, new_tokens: int = 16, prompts=DEF
         if base is not None and "error" not in r:
             r["ratio_to_resident"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["same_tokens_as_resident"] = r["outputs"] == base["outputs"]
+    if base is not None and bound:
+        rows.extend(bound_rows(path, base["outputs"], budgets))
     return rows
+
+
+def bound_rows(path: str, sequences: list[list[int]], budgets) -> list[dict]:
+    """Belady's MIN on the routing of the resident run's token sequences (every token as a
+    decode step, slots shared by all layers): the fewest loads any policy can make and the
+    hit rate that goes with them. Prefetching (oracle) can reach a ready rate of 1.0 at the
+    price of more loads; see benchmarks/prediction.py for that trade-off."""
+    from transformers import AutoModelForCausalLM
+
+    from .runtime.replay import belady_min, layer_calls, slots_for_share
+    from .runtime.trace import record_routing
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    trace = record_routing(model, [torch.tensor(s).unsqueeze(0) for s in sequences], progress=False)
+    calls = layer_calls(trace, batch=1)
+    out = []
+    for b in budgets:
+        if not str(b).endswith("%"):
+            continue
+        m = belady_min(calls, slots_for_share(trace, float(b.rstrip("%")) / 100))
+        out.append({"mode": "bound-MIN", "budget": b, "hit_rate": m.ready_rate, "ready_rate": m.ready_rate,
+                    "loads_per_token": m.loads_per_token, "replay": True})
+    return out
 
 
 def format_table(rows: list[dict]) -> str:
@@ -165,6 +190,10 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"{r['mode']:<15}{r['budget']:>8}  failed: {r['error']}")
+            continue
+        if r.get("replay"):
+            lines.append(f"{r['mode']:<15}{r['budget']:>8}{'-':>10}{'-':>12}{'-':>12}{r['hit_rate']:>10.3f}"
+                         f"{r['ready_rate']:>8.3f}{'(replay: ' + format(r['loads_per_token'], '.2f') + ' loads/tok)':>33}")
             continue
 
         def opt(key, fmt):
@@ -187,12 +216,13 @@ def plot(rows: list[dict], png: str, title: str) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     base = next((r for r in rows if r["mode"] == "hf-resident" and "error" not in r), None)
     for mode in sorted({r["mode"] for r in rows if r["mode"] != "hf-resident"}):
-        pts = sorted((float(r["budget"].rstrip("%")), r) for r in rows
-                     if r["mode"] == mode and "error" not in r and r["budget"].endswith("%"))
+        pts = sorted(((float(r["budget"].rstrip("%")), r) for r in rows
+                      if r["mode"] == mode and "error" not in r and r["budget"].endswith("%")), key=lambda p: p[0])
         if not pts:
             continue
         xs = [p[0] for p in pts]
-        a1.plot(xs, [p[1]["tokens_per_s"] for p in pts], marker="o", label=mode)
+        if "tokens_per_s" in pts[0][1]:
+            a1.plot(xs, [p[1]["tokens_per_s"] for p in pts], marker="o", label=mode)
         if "hit_rate" in pts[0][1]:
             a2.plot(xs, [p[1]["hit_rate"] for p in pts], marker="o", label=mode)
     if base is not None:

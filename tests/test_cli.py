@@ -57,7 +57,9 @@ def test_bench_small_table_json_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "EMULATED" in printed
     rows = json.loads((out_dir / "bench.json").read_text())["rows"]
-    assert {r["mode"] for r in rows} == {"hf-resident", "ef-lru"}
+    assert {r["mode"] for r in rows} == {"hf-resident", "ef-lru", "bound-MIN"}
+    bound = next(r for r in rows if r["mode"] == "bound-MIN")
+    assert 0.0 <= bound["ready_rate"] <= 1.0 and bound["loads_per_token"] > 0
     ef_row = next(r for r in rows if r["mode"] == "ef-lru")
     assert ef_row["same_tokens_as_resident"] is True
     assert ef_row["expert_bytes_resident"] < next(r for r in rows if r["mode"] == "hf-resident")["expert_bytes_resident"]
