@@ -13,13 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ExpertFlowConfig", "POLICIES", "PREDICTORS", "INNER_BACKENDS", "HOST_TIERS"]
+__all__ = ["ExpertFlowConfig", "POLICIES", "PREDICTORS", "INNER_BACKENDS", "KERNELS"]
 
 POLICIES = ("lru", "lfu", "predictive")
 KERNELS = ("auto", "torch", "triton")
 PREDICTORS = ("none", "lookahead", "path", "oracle")
 INNER_BACKENDS = ("eager", "aot_eager", "inductor")
-HOST_TIERS = ("auto", "ram", "disk")
 
 _BUDGET_RE = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)\s*(%|b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.I)
 
@@ -63,7 +62,6 @@ class ExpertFlowConfig:
         prefetch_extra: candidates beyond top-k that prediction may prefetch per layer.
         predictor_path: a trained path-predictor file (``predictor="path"``) or a
             recorded routing trace (``predictor="oracle"``).
-        host_tier: where non-resident experts live: ``ram``, ``disk`` or ``auto``.
         verify: check each rewritten block against the original graph on the first
             inputs at compile time; a block that disagrees is left untouched.
         inner_backend: what runs the rewritten graph: ``eager``, ``aot_eager``, ``inductor``.
@@ -80,7 +78,6 @@ class ExpertFlowConfig:
     lookahead_depth: int = 1
     prefetch_extra: int = 1
     predictor_path: str | None = None
-    host_tier: str = "auto"
     verify: bool = True
     inner_backend: str = "eager"
     prefetch: bool = True
@@ -112,8 +109,7 @@ class ExpertFlowConfig:
     def _validate(self) -> None:
         _check_budget(self.expert_budget)
         for name, allowed in (("policy", POLICIES), ("predictor", PREDICTORS),
-                              ("inner_backend", INNER_BACKENDS), ("host_tier", HOST_TIERS),
-                              ("kernels", KERNELS)):
+                              ("inner_backend", INNER_BACKENDS), ("kernels", KERNELS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not valid; valid values are {list(allowed)}")

@@ -116,3 +116,20 @@ def test_prefetch_survives_dead_code_elimination():
     for n in gm.graph.nodes:
         if n.op == "call_function" and "prefetch" in str(n.target):
             assert any("grouped_gemm" in str(u.target) for u in n.users)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_rewritten_graph_runs_under_other_inner_backends(inner):
+    from helpers import assert_fp32_close as close
+
+    model = build_tiny_model("mixtral", num_layers=2)
+    x = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+        out = torch.compile(model, backend="expertflow",
+                            options={"inner_backend": inner, "expert_budget": "50%"})(x).logits
+    close(out, ref)
+    assert ef.stats(model)["misses"] > 0
