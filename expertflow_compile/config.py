@@ -76,7 +76,7 @@ class ExpertFlowConfig:
     policy: str = "lru"
     predictor: str = "none"
     lookahead_depth: int = 1
-    prefetch_extra: int = 1
+    prefetch_extra: int = 0
     predictor_path: str | None = None
     verify: bool = True
     inner_backend: str = "eager"
