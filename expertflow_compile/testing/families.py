@@ -1,0 +1,290 @@
+"""Every MoE family of the installed ``transformers``, discovered and built tiny.
+
+``discover_moe_families()`` scans the installed transformers for model types whose
+modeling code defines routed experts, so a new transformers release adds rows by
+itself. ``build_tiny_family(model_type)`` builds a tiny random causal-LM of any of
+them generically from its config class (common size attributes shrunk, MoE switched
+on for every layer), with a small per-family override table for the ones that need
+it. The seven hand-written core families live in ``tiny_models.py``; this module is
+for breadth (``scripts/coverage.py``), not for the exactness suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+from functools import lru_cache
+
+import torch
+
+__all__ = ["discover_moe_families", "skipped_moe_families", "build_tiny_family", "count_moe_layers",
+           "FAMILY_OVERRIDES"]
+
+# class names in a modeling module that mean "this model routes tokens to experts"
+_MOE_CLASS = re.compile(r"^class (\w+(?:Experts|SparseMoeBlock|MoE|Router))\b", re.M)
+# config attributes that mean the same
+_MOE_CONFIG_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
+                     "moe_intermediate_size", "num_experts_per_tok", "moe_topk")
+
+
+def _modeling_sources(model_type: str) -> list[str]:
+    import transformers
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    d = os.path.join(os.path.dirname(transformers.__file__), "models", model_type_to_module_name(model_type))
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for f in sorted(os.listdir(d)):
+        if f.startswith("modeling_") and f.endswith(".py"):
+            with open(os.path.join(d, f), encoding="utf-8") as fh:
+                out.append(fh.read())
+    return out
+
+
+def _config_has_moe_attrs(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        cfg = CONFIG_MAPPING[model_type]()
+    except Exception:
+        return False
+    return any(getattr(cfg, a, None) not in (None, 0) for a in _MOE_CONFIG_ATTRS)
+
+
+@lru_cache(maxsize=1)
+def _scan() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found, skipped = [], []
+    for mt in CONFIG_MAPPING_NAMES:
+        srcs = _modeling_sources(mt)
+        has_moe = any(_MOE_CLASS.search(s) for s in srcs)
+        if not has_moe and srcs and mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            has_moe = _config_has_moe_attrs(mt)
+        if not has_moe:
+            continue
+        if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            found.append(mt)
+        else:
+            skipped.append((mt, "no causal-LM head (encoder-decoder, multimodal wrapper or vision/audio-only "
+                                "sub-model)"))
+    return tuple(found), tuple(skipped)
+
+
+def discover_moe_families() -> list[str]:
+    """Model types of the installed transformers that have a causal-LM head and routed experts."""
+    return list(_scan()[0])
+
+
+def skipped_moe_families() -> list[tuple[str, str]]:
+    """MoE model types left out of :func:`discover_moe_families`, with the reason."""
+    return list(_scan()[1])
+
+
+# --------------------------------------------------------------------------- sizes
+
+_SIZES = dict(
+    hidden_size=32, intermediate_size=64, moe_intermediate_size=48, expert_intermediate_size=48,
+    shared_expert_intermediate_size=40, ffn_hidden_size=64, moe_ffn_hidden_size=48, ffn_dim=64,
+    intermediate_size_mlp=64, dense_intermediate_size=64,
+    num_hidden_layers=2, num_layers=2, n_layer=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    vocab_size=128, max_position_embeddings=256,
+    num_local_experts=8, num_experts=8, n_routed_experts=8, moe_num_experts=8,
+    num_experts_per_tok=2, moe_topk=2, top_k=2, num_selected_experts=2,
+    n_shared_experts=1, num_shared_experts=1,
+    first_k_dense_replace=0, first_k_dense=0, num_dense_layers=0, decoder_sparse_step=1, moe_layer_freq=1,
+    interleave_moe_layer_step=1, mlp_only_layers=[], moe_layer_start_index=0,
+    n_group=2, topk_group=2, num_expert_group=2,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    sliding_window=8, attention_chunk_size=8, tie_word_embeddings=False,
+    # hybrid (mamba / linear attention) sizes
+    mamba_d_state=8, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_head_dim=8,
+    ssm_state_size=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+    linear_value_head_dim=8, linear_conv_kernel_dim=4, conv_kernel=4,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+# values that only make sense when the config already has them (never added)
+_LIST_LAYER_ATTRS = ("layer_types", "mlp_layer_types", "moe_layer_types", "layers_block_type",
+                     "hybrid_override_pattern", "block_types")
+
+
+# Per-family workarounds: model_type -> (kwargs merged over the generic sizes, why).
+FAMILY_OVERRIDES: dict[str, tuple[dict, str]] = {
+    "dbrx": (dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=128,
+                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                  ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2)),
+             "DBRX names its sizes d_model/n_heads/n_layers and nests attention/FFN sizes in sub-configs"),
+    "dots3_note_text": (dict(num_key_value_heads=4, head_dim=16),
+                        "validators want num_key_value_heads == num_attention_heads and "
+                        "head_dim == qk_nope_head_dim + qk_rope_head_dim"),
+    "dots3_note": (dict(text_config=dict(num_key_value_heads=4, head_dim=16)), "as dots3_note_text"),
+    "granitemoehybrid": (dict(mamba_d_head=16, mamba_expand=2, layer_types=["linear_attention", "full_attention"]),
+                         "validator wants mamba_n_heads * mamba_d_head == mamba_expand * hidden_size; default "
+                         "layer_types is all-mamba, which the 2-layer model cannot run (no attention cache layer)"),
+    "jamba": (dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0),
+              "layer kinds come from periods/offsets: one mamba + one attention layer, experts in both"),
+    "qwen4_exp_text": (dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
+                            indexer_compress_ratio=2, ngram_vocab_size_base=256, ple_embed_dim=32,
+                            hc_lowrank=16),
+                       "indexed attention needs its indexer sizes (None by default); n-gram vocab shrunk"),
+    "zaya": (dict(num_experts_per_tok=1), "ZAYA supports top-1 routing only"),
+    "gemma4_text": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=48,
+                         vocab_size_per_layer_input=128, hidden_size_per_layer_input=8),
+                    "MoE is off by default (enable_moe_block=False, num_experts=None); per-layer-input "
+                    "embeddings have their own vocab size"),
+    "gemma4": (dict(text_config=dict(enable_moe_block=True, num_experts=8, top_k_experts=2,
+                                     moe_intermediate_size=48, vocab_size_per_layer_input=128,
+                                     hidden_size_per_layer_input=8)),
+               "as gemma4_text, on the text sub-config"),
+    "qwen4_exp": (dict(text_config=dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
+                                        indexer_compress_ratio=2, ngram_vocab_size_base=256, ple_embed_dim=32,
+                                        hc_lowrank=16)), "as qwen4_exp_text"),
+    "doge": (dict(num_experts=16, num_experts_per_tok=2),
+             "cross-domain MoE: experts are rows of an embedding table, num_experts must be a perfect square "
+             "(product-key retrieval); default 16384"),
+    "lfm2_moe": (dict(layer_types=["conv", "full_attention"]),
+                 "layer_types defaults to None and is required to place conv vs attention layers"),
+}
+
+
+def _sparse_tokens(values) -> list:
+    """The entries of a per-layer list that mean 'MoE layer' (several kinds, e.g. hash
+    and top-k MoE, are all kept so the tiny model has one layer of each)."""
+    out = []
+    for v in values:
+        if (isinstance(v, str) and any(t in v.lower() for t in ("moe", "sparse", "expert"))) or v is True:
+            if v not in out:
+                out.append(v)
+    return out
+
+
+def _tiny_kwargs(defaults: dict, extra: dict) -> tuple[dict, list[str]]:
+    notes = []
+    kw = {k: v for k, v in _SIZES.items() if k in defaults}
+    kw |= extra
+    # drop None sentinels (only used to wipe values when asked)
+    kw = {k: v for k, v in kw.items() if not (v is None and defaults.get(k) is None)}
+    n = kw.get("num_hidden_layers", defaults.get("num_hidden_layers"))
+    for attr in _LIST_LAYER_ATTRS:
+        val = defaults.get(attr)
+        if attr in extra or not isinstance(val, (list, tuple)) or not val or not isinstance(n, int):
+            continue
+        if attr == "layer_types":
+            # keep the family's attention pattern, cut to n layers
+            # keep one of each kind the family mixes (hybrids need an attention layer), full last
+            kinds = list(dict.fromkeys(val))
+            kinds.sort(key=lambda t: "full" in str(t))
+            kw[attr] = (kinds * n)[:n] if len(kinds) <= n else kinds[-n:]
+            if len(kinds) > 1:
+                notes.append(f"{attr} = {kw[attr]}")
+        else:
+            toks = _sparse_tokens(val)
+            kw[attr] = (toks * n)[:n] if toks else [val[i % len(val)] for i in range(n)]
+            if toks:
+                notes.append(f"{attr} = {kw[attr]} (MoE in every layer)")
+    if isinstance(defaults.get("hybrid_override_pattern"), str) and "hybrid_override_pattern" not in extra:
+        pat = defaults["hybrid_override_pattern"]
+        # nemotron-style: keep one mixer and one MoE ('E') layer
+        kw["hybrid_override_pattern"] = ("M" if "M" in pat else pat[0]) + ("E" if "E" in pat else pat[-1])
+        kw["num_hidden_layers"] = 2
+    if isinstance(defaults.get("per_layer_config"), dict) and isinstance(n, int) and "per_layer_config" not in extra:
+        kw["per_layer_config"] = {k: v for k, v in defaults["per_layer_config"].items()
+                                  if isinstance(k, int) and k < n or str(k).isdigit() and int(k) < n}
+    if defaults.get("kv_lora_rank") and "num_key_value_heads" in defaults and "num_key_value_heads" not in extra:
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", defaults.get("num_attention_heads"))
+        notes.append("MLA: num_key_value_heads = num_attention_heads")
+    if isinstance(defaults.get("moe_layer_freq"), (list, tuple)) and isinstance(n, int):
+        kw["moe_layer_freq"] = [1] * n
+    return kw, notes
+
+
+@contextlib.contextmanager
+def _time_box(seconds: float):
+    if seconds is None or seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise TimeoutError(f"tiny build took longer than {seconds:.0f}s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def tiny_family_config(model_type: str):
+    """The tiny config of ``model_type`` and the notes on what was forced."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    extra, why = FAMILY_OVERRIDES.get(model_type, ({}, ""))
+    notes = [f"override: {why}"] if why else []
+    defaults = cls().to_dict()
+    text = defaults.get("text_config")
+    if isinstance(text, dict) and "hidden_size" not in defaults:
+        # composite config whose causal LM reads the text sub-config
+        tkw, tnotes = _tiny_kwargs(text, extra.get("text_config", {}))
+        kw = {k: v for k, v in extra.items() if k != "text_config"} | {"text_config": text | tkw}
+        notes += tnotes + ["sizes applied to text_config"]
+    else:
+        kw, tnotes = _tiny_kwargs(defaults, extra)
+        notes += tnotes
+    return cls(**kw), notes
+
+
+def build_tiny_family(model_type: str, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                      time_limit_s: float = 120.0):
+    """Build a tiny random causal-LM of ``model_type`` in eval mode: ``(model, notes)``.
+
+    Raises on failure (``TimeoutError`` past ``time_limit_s``); callers record the reason.
+    Router weights get a larger scale than HF's init so that routing is decisive.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with _time_box(time_limit_s):
+        cfg, notes = tiny_family_config(model_type)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() >= 2:
+                    router = ("gate" in name or "router" in name) and p.dim() == 2 and p.shape[0] <= 64
+                    p.normal_(0.0, 0.2 if router else 0.08)
+                elif "bias" in name:
+                    p.normal_(0.0, 0.02)
+                elif "norm" in name or "weight" in name.rsplit(".", 1)[-1]:
+                    # norms: keep near 1 (some families init them to 0 and add 1 in forward)
+                    pass
+        model = model.to(dtype).eval()
+    return model, notes
+
+
+def count_moe_layers(model: torch.nn.Module) -> int:
+    """Decoder layers holding routed experts: a module whose class or name says experts
+    (``*Experts`` class, ``experts`` attribute) or that owns a 3-D expert weight
+    (convolutions and other 3-D weights are not experts)."""
+    layers = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            continue
+        cls = type(mod).__name__
+        leaf = name.rsplit(".", 1)[-1]
+        if "shared" in leaf.lower():
+            continue
+        is_experts = leaf == "experts" or cls.endswith("Experts")
+        has3d = any(p.dim() == 3 for p in mod.parameters(recurse=False)) and (
+            "expert" in name.lower() or "expert" in cls.lower() or "moe" in cls.lower())
+        if not (has3d or is_experts):
+            continue
+        m = re.search(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.", name + ".")
+        layers.add(int(m.group(1)) if m else name)
+    return len(layers)

@@ -1,0 +1,105 @@
+"""Coverage beyond the seven core families: every MoE family of the installed
+transformers, built tiny (``expertflow_compile.testing.families``), compiled with an
+expert budget, must give eager's logits; and every MoE layer must be rewritten,
+except for the families listed in ``UNMATCHED`` (with the reason, from
+``scripts/coverage.py`` / ``docs/coverage.md``).
+
+Exactness is never xfailed. A small varied sample runs in the CI core; the full
+list is ``@pytest.mark.slow``.
+"""
+
+import pytest
+import torch
+
+from expertflow_compile import stats
+from expertflow_compile.backend import collect_reports
+from expertflow_compile.passes.report import ExplainReport
+from expertflow_compile.testing.families import build_tiny_family, count_moe_layers, discover_moe_families
+
+CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe"]
+
+# Four families beyond the core, for variety: ParallelExperts naming + shared MLP
+# (granitemoeshared), sigmoid group-limited routing with MLA (glm4_moe_lite), a
+# mamba/attention hybrid (jamba), and one the matcher cannot rewrite yet (llama4_text).
+FAST_SAMPLE = ["granitemoeshared", "glm4_moe_lite", "jamba", "llama4_text"]
+
+# Families whose MoE layers are not (all) rewritten today, with the reason the
+# coverage run found. Exactness is still asserted for them.
+UNMATCHED = {
+    "dbrx": "per-expert loop: Dynamo splits the dispatch off the graph (router found, dispatch not in graph)",
+    "jetmoe": "per-expert loop: Dynamo splits the dispatch off the graph (router found, dispatch not in graph)",
+    "longcat_flash": "per-expert loop: Dynamo splits the dispatch off the graph (router found, dispatch not in graph)",
+    "inkling_text": "router ids do not come from a router linear over [E, H]; projections in different modules",
+    "llama4": "experts take the router-scaled input (routed_in), not (hidden, ids, weights)",
+    "llama4_text": "experts take the router-scaled input (routed_in), not (hidden, ids, weights)",
+    "deepseek_v4": "the hash-routed layer (expert ids looked up from token ids) is not matched; "
+                   "the top-k layer is",
+    "qwen4_exp": "one MoE layer (after indexed attention) neither rewritten nor reported",
+    "qwen4_exp_text": "one MoE layer (after indexed attention) neither rewritten nor reported",
+}
+
+# Families that cannot be built tiny from their config class alone.
+UNBUILDABLE = {
+    "dots3_note": "multimodal config: the vision adapter width must equal the text hidden size "
+                  "(dots3_note_text covers the text model)",
+}
+
+# Families without expert weights the backend could offload.
+NO_EXPERT_WEIGHTS = {
+    "doge": "cross-domain MoE: experts are rows of an embedding table (product-key retrieval)",
+}
+
+
+def _run(family: str):
+    if family in UNBUILDABLE:
+        pytest.skip(UNBUILDABLE[family])
+    torch._dynamo.reset()
+    model, _ = build_tiny_family(family)
+    n_moe = count_moe_layers(model)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.float()
+    report = ExplainReport()
+    compiled = torch.compile(model, backend="expertflow", options={"expert_budget": "50%"})
+    with collect_reports(report.graphs.append), torch.no_grad():
+        out = compiled(ids, use_cache=False).logits.float()
+    return compiled, n_moe, report, out, ref
+
+
+def _check(family: str):
+    compiled, n_moe, report, out, ref = _run(family)
+    # exactness first, for every family, never xfailed
+    scale = ref.abs().max().item()
+    diff = (out - ref).abs().max().item()
+    assert diff <= 1e-5 * scale, f"{family}: max |diff| {diff:.3g} > 1e-5 x {scale:.3g}"
+
+    if family in NO_EXPERT_WEIGHTS:
+        assert n_moe == 0
+        return
+    assert n_moe > 0, f"{family}: no MoE layer found in the tiny model"
+    matched = len({b.layer for b in report.blocks})
+    if family in UNMATCHED:
+        assert matched < n_moe, f"{family} is fully matched now: drop it from UNMATCHED"
+        pytest.xfail(UNMATCHED[family])
+    assert matched == n_moe, f"{family}: {matched}/{n_moe} MoE layers rewritten\n{report}"
+    s = stats(compiled)
+    assert s["offloading"] and s["bytes_moved"] > 0, f"{family}: matched but not offloaded: {s}"
+
+
+def test_discovery_finds_core_families():
+    fams = discover_moe_families()
+    assert set(CORE) <= set(fams)
+    assert set(FAST_SAMPLE) <= set(fams)
+    assert len(fams) >= len(CORE) + len(FAST_SAMPLE)
+
+
+@pytest.mark.parametrize("family", FAST_SAMPLE)
+def test_sample_family_exact_and_matched(family):
+    _check(family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", discover_moe_families())
+def test_every_family_exact_and_matched(family):
+    _check(family)
