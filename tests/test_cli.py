@@ -102,3 +102,24 @@ def test_run_batched_prompts_file(tmp_path, capsys):
 def test_run_prompt_longer_than_context_exit_2(capsys):
     assert main(["run", "--max-new-tokens", "600"]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err
+
+
+def test_trace_train_predictor_eval_on_the_shipped_model(tmp_path, capsys):
+    """The prediction subcommands end to end with small settings (held-out text only
+    stands in for training text here: this checks the plumbing, not the predictor)."""
+    import os
+
+    from expertflow_compile.runtime.predictors import PathPredictor
+    from expertflow_compile.runtime.trace import RoutingTrace
+
+    text = os.path.join(os.path.dirname(__file__), "..", "expertflow_compile", "assets", "heldout.txt")
+    trace_path, pred_path = str(tmp_path / "t.safetensors"), str(tmp_path / "p.safetensors")
+    assert main(["trace", text, "--out", trace_path, "--seq-len", "32", "--batch-size", "4",
+                 "--max-tokens", "512"]) == 0
+    trace = RoutingTrace.load(trace_path)
+    assert trace.num_tokens == 512 and len(trace.layers) == 6
+    assert main(["train-predictor", trace_path, "--out", pred_path, "--epochs", "2"]) == 0
+    assert PathPredictor.load(pred_path).layers == trace.layers
+    assert main(["eval", "--trace", trace_path, "--predictor", pred_path, "--max-tokens", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "MIN (Belady)" in out and "lookahead" in out
