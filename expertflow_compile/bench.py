@@ -200,7 +200,7 @@ def format_table(rows: list[dict]) -> str:
             return format(r[key], fmt) if key in r else "-"
 
         lines.append(
-            f"{r['mode']:<15}{r['budget']:>8}{r['tokens_per_s']:>10.2f}{r.get('ratio_to_resident', 0):>12.3f}"
+            f"{r['mode']:<15}{r['budget']:>8}{r['tokens_per_s']:>10.2f}{opt('ratio_to_resident', '.3f'):>12}"
             f"{r['expert_bytes_resident'] / 2**20:>12.2f}{opt('hit_rate', '.3f'):>10}{opt('ready_rate', '.3f'):>8}"
             f"{(format(r['bytes_moved_per_token'] / 1024, '.0f') if 'bytes_moved_per_token' in r else '-'):>10}"
             f"{opt('stall_share', '.2f'):>8}{str(r.get('same_tokens_as_resident', '-')):>7}")
