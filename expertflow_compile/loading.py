@@ -287,7 +287,7 @@ def from_pretrained(path, *, dtype=None, device="cpu", **hf_kwargs):
         ph = torch.nn.Parameter(torch.zeros((), dtype=dtype, device=device).expand(shape), requires_grad=False)
         model.get_submodule(mname)._parameters[pname] = ph
         if sname == "up":
-            attach_store(ph, store)
+            attach_store(ph, store, layer)
             model.get_submodule(mname).register_forward_pre_hook(_refuse_uncompiled)
 
     # ---- dense parameters, tensor by tensor (tied parameters are loaded once, shared)

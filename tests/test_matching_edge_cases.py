@@ -133,3 +133,43 @@ def test_rewritten_graph_runs_under_other_inner_backends(inner):
                             options={"inner_backend": inner, "expert_budget": "50%"})(x).logits
     close(out, ref)
     assert ef.stats(model)["misses"] > 0
+
+
+class _Experts(nn.Module):
+    def __init__(self, E=4, H=16, I=8):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, H) * 0.1)
+        self.down_proj = nn.Parameter(torch.randn(E, H, I) * 0.1)
+
+    def forward(self, x, ids, w):
+        return _standard(self, x, ids, w)
+
+
+class _BrokenLayer(nn.Module):
+    """An MoE layer with a graph break inside: Dynamo compiles its frame once and runs
+    the same graph for every layer instance."""
+
+    def __init__(self, E=4, H=16):
+        super().__init__()
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = _Experts(E, H)
+
+    def forward(self, x):
+        w, ids = torch.topk(self.router(x).softmax(-1), 2, dim=-1)
+        out = x + self.experts(x, ids, w)
+        torch._dynamo.graph_break()
+        return out
+
+
+@pytest.mark.parametrize("budget", [None, 4])
+def test_graph_shared_by_several_layers_stays_exact_when_offloading(budget):
+    torch.manual_seed(0)
+    net = nn.Sequential(_BrokenLayer(), _BrokenLayer(), _BrokenLayer()).eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        ref = net(x)
+        out = torch.compile(net, backend="expertflow", options={"expert_budget": budget})(x)
+    assert_fp32_close(out, ref)
+    s = ef.stats(net)
+    assert s["layers"] == [0, 1, 2]        # each module's experts bound as a layer of its own
+    assert s["offloading"] == (budget is not None)

@@ -36,18 +36,30 @@ LAYER_SHIFT = 20  # predicted ids are encoded layer << LAYER_SHIFT | expert
 _ATTACHED_STORES: dict[int, tuple[weakref.ref, object]] = {}
 
 
-def attach_store(tensor: torch.Tensor, store) -> None:
+def attach_store(tensor: torch.Tensor, store, layer: int | None = None) -> None:
     """Declare that the experts behind ``tensor`` (an expert weight of a model, usually a
-    zero-stride placeholder) live in ``store`` (e.g. a SafetensorsExpertStore): the engine
-    built when the model is compiled uses it as its host tier."""
-    _ATTACHED_STORES[id(tensor)] = (weakref.ref(tensor), store)
+    zero-stride placeholder) live in ``store`` (e.g. a SafetensorsExpertStore) as the
+    store's MoE layer ``layer``: the engine built when the model is compiled uses it as
+    its host tier."""
+    _ATTACHED_STORES[id(tensor)] = (weakref.ref(tensor), store, layer)
 
 
-def attached_store(tensor: torch.Tensor | None):
+def _attached(tensor: torch.Tensor | None):
     entry = _ATTACHED_STORES.get(id(tensor)) if tensor is not None else None
     if entry is None or entry[0]() is not tensor:
         return None
-    return entry[1]
+    return entry
+
+
+def attached_store(tensor: torch.Tensor | None):
+    entry = _attached(tensor)
+    return None if entry is None else entry[1]
+
+
+def _tensor_store_type():
+    from .store import TensorExpertStore
+
+    return TensorExpertStore
 
 
 def get_engine(engine_id: int) -> "ExpertEngine":
@@ -188,7 +200,32 @@ class ExpertEngine:
             if target_layer in self.layers:
                 self.cache.prefetch(target_layer, experts)
 
+    def _resolve_layer(self, layer: int, w_up, w_down, b_up, b_down) -> int:
+        """The layer whose experts ``w_up`` holds. Dynamo may run one compiled graph for
+        several modules with the same code (a graph break inside a decoder layer makes each
+        layer a call of the same frame): the layer baked into the graph is then another
+        module's, so the experts passed in decide. A module seen for the first time is
+        bound as a layer of its own (and added to the cache)."""
+        known = self._layer_tensors.get(layer)
+        if known is not None and known.get("up") is w_up:
+            return layer
+        for other, tensors in self._layer_tensors.items():
+            if tensors.get("up") is w_up:
+                return other
+        entry = _attached(w_up)
+        new = entry[2] if entry is not None and entry[2] is not None else max(self._layer_tensors) + 1
+        if new in self._layer_tensors:
+            raise RuntimeError(f"expertflow: experts of MoE layer {new} arrived twice with different tensors")
+        import dataclasses
+
+        self.register_layer(dataclasses.replace(self.layers[layer], layer=new), [w_up, w_down, b_up, b_down])
+        log.info("expertflow: a compiled graph is shared by another MoE module; bound it as layer %d", new)
+        if self.cache is not None:
+            self.build_cache(self.store if not isinstance(self.store, _tensor_store_type()) else None)
+        return new
+
     def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down):
+        layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down)
         plan = self.layers[layer]
         offs = offsets.tolist()
         active = [e for e in range(plan.num_experts) if offs[e + 1] > offs[e]]
