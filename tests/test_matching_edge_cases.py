@@ -64,15 +64,20 @@ class _OddMoE(nn.Module):
         return x + self.experts(x, ids, w)
 
 
-def test_block_that_fails_the_self_check_is_left_untouched_and_exact():
-    torch.manual_seed(0)
-    model = _OddMoE().eval()
-    x = torch.randn(5, 16)
+def _compiled_matches_eager(model, x) -> CapturingBackend:
     backend = CapturingBackend()
     with torch.no_grad():
         out = torch.compile(model, backend=backend)(x)
         ref = model(x)
     assert_fp32_close(out, ref)
+    return backend
+
+
+def test_block_that_fails_the_self_check_is_left_untouched_and_exact():
+    torch.manual_seed(0)
+    model = _OddMoE().eval()
+    x = torch.randn(5, 16)
+    backend = _compiled_matches_eager(model, x)
     assert count(backend.graphs[0], "grouped_gemm") == 0
     report = ef.explain(model, x)
     assert len(report.untouched) == 1 and "disagrees" in report.untouched[0].reason
@@ -84,11 +89,7 @@ def test_custom_moe_with_standard_combine_is_matched():
     model = _OddMoE().eval()
     model.experts.forward = lambda x, ids, w: _standard(model.experts, x, ids, w)
     x = torch.randn(5, 16)
-    backend = CapturingBackend()
-    with torch.no_grad():
-        out = torch.compile(model, backend=backend)(x)
-        ref = model(x)
-    assert_fp32_close(out, ref)
+    backend = _compiled_matches_eager(model, x)
     assert count(backend.graphs[0], "grouped_gemm") == 1
 
 
