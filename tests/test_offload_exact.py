@@ -60,7 +60,7 @@ def test_budget_below_one_layer_is_refused_with_the_minimum():
 def test_two_models_with_separate_budgets_in_one_process():
     a = build_tiny_model("mixtral", num_layers=2, seed=1)
     b = build_tiny_model("qwen3_moe", num_layers=2, seed=2)
-    x = torch.randint(0, 128, (1, 5))
+    x = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ra, rb = a(x).logits, b(x).logits
     a.compile(backend="expertflow", options={"expert_budget": "25%"})
@@ -71,5 +71,10 @@ def test_two_models_with_separate_budgets_in_one_process():
     sa, sb = ef.stats(a), ef.stats(b)
     assert sa["budget_bytes"] != sb["budget_bytes"]
     assert sa["budget_bytes"] > 0 and sb["budget_bytes"] > 0
+    # Each model keeps its own counters: resetting one leaves the other as it was.
+    assert sa["misses"] > 0 and sb["misses"] > 0
     ef.reset_stats(a)
-    assert ef.stats(a)["hits"] == 0 and ef.stats(b)["hits"] > 0
+    after_a, after_b = ef.stats(a), ef.stats(b)
+    assert after_a["hits"] == 0 and after_a["misses"] == 0 and after_a["bytes_moved"] == 0
+    assert (after_b["hits"], after_b["misses"], after_b["bytes_moved"]) == \
+        (sb["hits"], sb["misses"], sb["bytes_moved"])
