@@ -6,9 +6,15 @@ this package first. Per graph it: parses the options, finds the MoE blocks, chec
 each replacement against the original block on the real first inputs, rewrites the
 blocks that pass, binds them to the model's engine, and hands the graph to the inner
 backend (eager by default).
+
+Importing this module installs the traceable forms of the loop-dispatched MoE blocks
+(``traceable.py``): they replace the per-expert loops only while Dynamo traces for this
+backend.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import contextlib
 import logging
@@ -23,6 +29,8 @@ from .passes.report import BlockReport, GraphReport
 from .passes.rewrite import rewrite_moe_block
 from .passes.verify import check_blocks
 from .runtime.engine import ExpertEngine, LayerPlan, engine_for_tensor
+from .traceable import install as _install_traceable
+from .traceable import mark_expertflow_backend
 
 __all__ = ["expertflow_backend", "compile_graph"]
 
@@ -50,13 +58,31 @@ def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Nod
     return dict(zip(phs, example_inputs))
 
 
-def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig) -> ExpertEngine:
-    """The model's engine: the one already serving these weights if its options match."""
+# engines by the options object of one torch.compile call: Dynamo hands every graph of
+# that call the same dict, so graphs that share no weights (one frame per decoder layer
+# after a graph break in attention) still land in one engine and one budget
+_ENGINES_BY_OPTIONS: dict[int, tuple[dict, "weakref.ref[ExpertEngine]"]] = {}
+
+
+def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
+                options: dict | None = None) -> ExpertEngine:
+    """The model's engine: the one already serving these weights if its options match,
+    else the one made for the same ``torch.compile`` call (same options object)."""
     for b in blocks:
         eng = engine_for_tensor(values.get(b.up_weight))
         if eng is not None and eng.config.key() == config.key():
             return eng
-    return ExpertEngine(config)
+    if options is not None:
+        entry = _ENGINES_BY_OPTIONS.get(id(options))
+        eng = entry[1]() if entry is not None and entry[0] is options else None
+        if eng is not None and not eng._closed and eng.config.key() == config.key():
+            return eng
+    eng = ExpertEngine(config)
+    if options is not None:
+        for k in [k for k, (_, ref) in _ENGINES_BY_OPTIONS.items() if ref() is None]:
+            del _ENGINES_BY_OPTIONS[k]
+        _ENGINES_BY_OPTIONS[id(options)] = (options, weakref.ref(eng))
+    return eng
 
 
 def _prediction_width(blocks: list[MoEBlock], config: ExpertFlowConfig) -> int:
@@ -67,7 +93,7 @@ def _prediction_width(blocks: list[MoEBlock], config: ExpertFlowConfig) -> int:
 
 def compile_graph(
     gm: fx.GraphModule, example_inputs: list, config: ExpertFlowConfig,
-    report_sink: Callable[[GraphReport], None] | None = None,
+    report_sink: Callable[[GraphReport], None] | None = None, options: dict | None = None,
 ) -> tuple[fx.GraphModule, GraphReport, ExpertEngine | None]:
     """Run the expertflow passes on ``gm`` in place; returns (gm, report, engine)."""
     _GRAPH_COUNTER[0] += 1
@@ -76,7 +102,9 @@ def compile_graph(
     values = _placeholder_values(gm, example_inputs)
     checks = check_blocks(gm, example_inputs, result.blocks, values) if config.verify else {}
     good = [b for i, b in enumerate(result.blocks) if checks.get(i) is None or checks[i].ok]
-    engine = _engine_for(good, values, config) if good else None
+    engine = _engine_for(good, values, config, options) if good else None
+    for b in good:   # a layer number baked from names may already belong to other experts
+        b.layer = engine.layer_number_for(b.layer, values.get(b.up_weight))
     width = _prediction_width(good, config)
     lookahead = plan_lookahead(good)
     for i, block in enumerate(result.blocks):
@@ -129,9 +157,14 @@ def expertflow_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
         raise ValueError(f"unexpected arguments to the expertflow backend: {sorted(kwargs)}; pass "
                          f"options=dict(...) with keys {ExpertFlowConfig.valid_keys()}")
     config = ExpertFlowConfig.from_options(options)
-    gm, _, _ = compile_graph(gm, example_inputs, config, _current_sink())
+    gm, _, _ = compile_graph(gm, example_inputs, config, _current_sink(),
+                             options if isinstance(options, dict) else None)
     if config.inner_backend == "eager":
         return gm.forward
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(config.inner_backend)(gm, example_inputs)
+
+
+mark_expertflow_backend(expertflow_backend)
+_install_traceable()

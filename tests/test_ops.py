@@ -13,9 +13,10 @@ def _silu_gate(h):
     return torch.nn.functional.silu(g) * u
 
 
-def _engine(E, H, I, K, transposed=False, bias=False):
+def _engine(E, H, I, K, transposed=False, bias=False, prescale=False):
     eng = ExpertEngine(ExpertFlowConfig())
-    math = ExpertMath(up_transposed=transposed, down_transposed=transposed, gate_fn=_silu_gate)
+    math = ExpertMath(up_transposed=transposed, down_transposed=transposed, gate_fn=_silu_gate,
+                      prescale=prescale)
     up = torch.randn(E, H, 2 * I) if transposed else torch.randn(E, 2 * I, H)
     down = torch.randn(E, I, H) if transposed else torch.randn(E, H, I)
     bu, bd = (torch.randn(E, 2 * I), torch.randn(E, H)) if bias else (None, None)
@@ -45,10 +46,12 @@ def test_permute_groups_pairs_by_expert(T, E, K, seed):
         assert chunk.tolist() == sorted(chunk.tolist())  # stable within an expert
 
 
-@pytest.mark.parametrize("transposed,bias", [(False, False), (True, True)])
-def test_grouped_gemm_equals_per_token_loop(transposed, bias):
+@pytest.mark.parametrize("transposed,bias,prescale", [(False, False, False), (True, True, False),
+                                                      (True, False, True)])
+def test_grouped_gemm_equals_per_token_loop(transposed, bias, prescale):
+    """sum_k w_k * expert(x), or sum_k expert(w_k * x) for a pre-scaling family (Llama-4)."""
     T, E, H, I, K = 6, 5, 8, 4, 2
-    eng, up, down, bu, bd = _engine(E, H, I, K, transposed, bias)
+    eng, up, down, bu, bd = _engine(E, H, I, K, transposed, bias, prescale)
     ids, w = _routing(T, E, K)
     x = torch.randn(T, H)
     order, offsets = torch.ops.expertflow.permute(ids, E)
@@ -60,10 +63,16 @@ def test_grouped_gemm_equals_per_token_loop(transposed, bias):
             e = ids[t, k]
             Wu = up[e] if transposed else up[e].T
             Wd = down[e] if transposed else down[e].T
-            h = x[t] @ Wu + (bu[e] if bias else 0)
+            h = (w[t, k] * x[t] if prescale else x[t]) @ Wu + (bu[e] if bias else 0)
             y = _silu_gate(h) @ Wd + (bd[e] if bias else 0)
-            expected[t] += w[t, k] * y
+            expected[t] += y if prescale else w[t, k] * y
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    ref = grouped_experts_reference(x, w, order, offsets.tolist(),
+                                    lambda e: {"up": up[e], "down": down[e],
+                                               "up_bias": bu[e] if bias else None,
+                                               "down_bias": bd[e] if bias else None},
+                                    eng.layers[0].math, H, torch.float32)
+    torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-5)
     eng.close()
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ExpertMath", "expert_forward", "combine_topk"]
+__all__ = ["ExpertMath", "expert_forward", "combine_topk", "prescale_rows"]
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,21 @@ class ExpertMath:
     (GPT-OSS) rather than the usual [out, in]. ``gate_fn`` maps the up projection's
     output [S, N_up] to [S, I] exactly as the model does (SiLU/GELU gating, GPT-OSS's
     clamped SwiGLU, a plain activation, ...). ``post_fn`` runs on the down projection's
-    output before the routing weight (None for most families).
+    output before the routing weight (None for most families). ``prescale``: the
+    routing weight multiplies the expert's input rows instead of its output (Llama-4:
+    ``expert(w * x)``); the combine then only sums.
     """
 
     up_transposed: bool
     down_transposed: bool
     gate_fn: Callable[[torch.Tensor], torch.Tensor]
     post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prescale: bool = False
+
+
+def prescale_rows(rows: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows (in ``order``) multiplied by their routing weight, as a pre-scaling family does."""
+    return rows * topk_weights.reshape(-1)[order].unsqueeze(-1).to(rows.dtype)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -89,9 +97,12 @@ def grouped_experts_reference(
     offs = list(offsets)
     top_k = topk_weights.shape[-1]
     rows = hidden[order // top_k]
+    if math.prescale:
+        rows = prescale_rows(rows, topk_weights, order)
     out_rows = torch.zeros(rows.shape[0], out_features, dtype=rows_dtype, device=hidden.device)
     for e in range(len(offs) - 1):
         start, end = offs[e], offs[e + 1]
         if start < end:
             out_rows[start:end] = expert_forward(rows[start:end], expert_weights(e), math)
-    return combine_topk(out_rows, topk_weights, order, hidden.dtype)
+    return combine_topk(out_rows, torch.ones_like(topk_weights) if math.prescale else topk_weights,
+                        order, hidden.dtype)

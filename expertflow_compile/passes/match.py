@@ -93,6 +93,11 @@ class _NoMatch(Exception):
     pass
 
 
+class _NotRouted(_NoMatch):
+    """3-D weights used by batched matmuls without routing (e.g. shared experts run on
+    every token): not an MoE dispatch, so not reported as an unmatched one."""
+
+
 def _layer_of(*names: str) -> int | None:
     for name in names:
         for pat in (r"layers?_modules_(\d+)_", r"layers?\.(\d+)\.", r"layers?_(\d+)_", r"\.(\d+)\."):
@@ -285,9 +290,33 @@ def _find_router(ids: fx.Node, num_experts: int) -> tuple[fx.Node | None, fx.Nod
         if is_op(a, "linear", "matmul", "mm") and len(a.args) >= 2 and isinstance(a.args[1], fx.Node):
             w = _strip(a.args[1], ("to", "type", "float", "t", "transpose"))
             v = tensor_meta(w)
-            if w.op == "placeholder" and v is not None and v.dim() == 2 and v.shape[0] == num_experts:
+            # rows beyond E: scores of shared experts computed by the same router (Inkling)
+            if w.op == "placeholder" and v is not None and v.dim() == 2 and v.shape[0] >= num_experts:
                 return topk, a, w
     raise _NoMatch(f"the expert ids ({ids.name}) are not computed from a router linear over an [E, H] weight")
+
+
+def _hash_table(ids: fx.Node) -> fx.Node | None:
+    """Hash routing (DeepSeek-V4's first layers): the ids are rows of a fixed integer
+    [vocab, k] table looked up by token ids. The table placeholder, or None."""
+    src = _strip(ids, _IDS_VIEW_OPS)
+    if is_op(src, "getitem") and isinstance(src.args[0], fx.Node):
+        table = _strip(src.args[0], ("to", "long", "int"))
+        v = tensor_meta(table)
+        if table.op == "placeholder" and v is not None and v.dim() == 2 and not v.is_floating_point():
+            return table
+    return None
+
+
+def _find_weights_router(weights: fx.Node, num_experts: int) -> tuple[fx.Node, fx.Node]:
+    """(router linear, [E, H] weight) behind the routing weights."""
+    for a in sorted(ancestors([weights]), key=lambda n: -_order(n)):
+        if is_op(a, "linear", "matmul", "mm") and len(a.args) >= 2 and isinstance(a.args[1], fx.Node):
+            w = _strip(a.args[1], ("to", "type", "float", "t", "transpose"))
+            v = tensor_meta(w)
+            if w.op == "placeholder" and v is not None and v.dim() == 2 and v.shape[0] == num_experts:
+                return a, w
+    raise _NoMatch("the routing weights do not come from a router linear over an [E, H] weight")
 
 
 def _order(n: fx.Node) -> int:
@@ -334,6 +363,8 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
         raise _NoMatch(f"the dispatch region reads non-tensor values {[n.name for n in others]}")
     ints = [n for n in tensors if not tensor_meta(n).is_floating_point()]
     floats = [n for n in tensors if tensor_meta(n).is_floating_point()]
+    if not ints:
+        raise _NotRouted(f"no expert ids flow into {scope}: dense batched weights, not routed experts")
     if len(ints) != 1 or len(floats) != 2:
         raise _NoMatch(f"expected (hidden, ids, weights) and expert weights into the experts, found "
                        f"{[n.name for n in tensors]} besides the expert weights")
@@ -355,9 +386,13 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in region:
                 raise _NoMatch(f"{n.name} mutates {n.args[0].name}, which lives outside the experts")
 
-    topk, router, router_w = _find_router(ids, num_experts)
-    if router not in ancestors([weights]):
-        raise _NoMatch("the routing weights do not come from the router")
+    table = _hash_table(ids)
+    if table is not None:   # hash-routed: no router behind the ids, so no lookahead either
+        router, router_w = _find_weights_router(weights, num_experts)
+    else:
+        topk, router, router_w = _find_router(ids, num_experts)
+        if router not in ancestors([weights]):
+            raise _NoMatch("the routing weights do not come from the router")
 
     skip = up_bias_nodes | down_bias_nodes
     d_in = _gemm_input(down)
@@ -379,10 +414,18 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
             if b in after_down and a in from_weights and a not in after_down:
                 mul = (n, b)
                 break
+    prescale = False
     if mul is None:
-        raise _NoMatch("no routing-weight multiply after the down projection")
-    post_seg = _segment(down_out, mul[1], region, skip)
-    post_fn = _extract_fn(down_out, mul[1], post_seg, "post-expert function") if post_seg else None
+        mul = _prescale_mul(up, hidden, weights, region)
+        if mul is None:
+            raise _NoMatch("no routing-weight multiply after the down projection (nor on the experts' "
+                           "input rows)")
+        prescale, post_fn = True, None
+        if _segment(down_out, output, region, skip) - _combine_nodes(down_out, output, region):
+            raise _NoMatch("the pre-scaled experts' outputs go through more than a sum over top-k")
+    else:
+        post_seg = _segment(down_out, mul[1], region, skip)
+        post_fn = _extract_fn(down_out, mul[1], post_seg, "post-expert function") if post_seg else None
 
     if up.node.target is not down.node.target:
         raise _NoMatch("the two projections use different matmul kinds")
@@ -392,6 +435,8 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
     else:
         up_t, down_t = not up.weight_transposed_view, not down.weight_transposed_view
         dispatch = "grouped_mm" if "fallback" not in call_name(up.node) else "grouped_mm_fallback"
+    if prescale:
+        dispatch += ", routing weight on the input rows"
     up_shape, down_shape = tuple(w_up.shape), tuple(w_down.shape)
     hidden_size = h_v.shape[-1]
     inter = down_shape[1] if not down_t else down_shape[2]
@@ -403,11 +448,36 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
         topk_weights=weights, output=output, region=region, up_weight=up.weight,
         down_weight=down.weight, up_bias=b_up, down_bias=b_down, num_experts=num_experts,
         top_k=ids_v.shape[1], hidden_size=hidden_size, intermediate_size=inter,
-        math=ExpertMath(up_transposed=up_t, down_transposed=down_t, gate_fn=gate_fn, post_fn=post_fn),
+        math=ExpertMath(up_transposed=up_t, down_transposed=down_t, gate_fn=gate_fn, post_fn=post_fn,
+                        prescale=prescale),
         rows_dtype=tensor_meta(down_out).dtype, out_features=tensor_meta(down_out).shape[-1],
-        dispatch=dispatch, routing=_routing_description(ids, weights, router),
-        activation=_describe_fn(gate_seg), router_weight=router_w, layout=layout, router=router,
+        dispatch=dispatch,
+        routing=("hash table[token ids] -> ids; " + _routing_description(weights, weights, router)
+                 if table is not None else _routing_description(ids, weights, router)),
+        activation=_describe_fn(gate_seg), router_weight=router_w, layout=layout,
+        router=None if table is not None else router,
     )
+
+
+def _prescale_mul(up: _Gemm, hidden: fx.Node, weights: fx.Node, region: set[fx.Node]):
+    """Llama-4 style ``expert(w * x)``: the multiply of the experts' input rows by the
+    routing weights, on the way into the up projection (None if there is none)."""
+    into_up = ancestors([_gemm_input(up)]) | {_gemm_input(up)}
+    from_w = descendants([weights], limit=region) | {weights}
+    from_h = descendants([hidden], limit=region) | {hidden}
+    for n in sorted(region & into_up, key=_order):
+        if is_op(n, "mul") and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+            a, b = n.args
+            if (a in from_w and b in from_h and b not in from_w) or (b in from_w and a in from_h and a not in from_w):
+                return n, None
+    return None
+
+
+def _combine_nodes(down_out: fx.Node, output: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
+    """Reshapes and sums between the down projection and the block output."""
+    ok = ("view", "reshape", "sum", "to", "squeeze", "unsqueeze", "contiguous", "type")
+    seg = _segment(down_out, output, region, set())
+    return {n for n in seg if is_op(n, *ok)}
 
 
 def _unmatched_routers(graph: fx.Graph, used_routers: set[fx.Node]) -> list[Unmatched]:
@@ -459,6 +529,10 @@ def find_moe_blocks(gm: fx.GraphModule) -> MatchResult:
         used.update({g.node, down.node})
         try:
             result.blocks.append(_match_pair(g, down))
+        except _NotRouted:   # the scope's other GEMMs (e.g. a third projection) are not experts either
+            scope = _scope_of(g.node)
+            used.update(x.node for x in gemms if _scope_of(x.node) == scope)
+            continue
         except _NoMatch as exc:
             tried_routers.update(a for a in ancestors([g.node]) if is_op(a, "linear", "matmul", "mm"))
             result.unmatched.append(Unmatched(

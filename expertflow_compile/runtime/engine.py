@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ExpertFlowConfig
-from ..kernels.reference import ExpertMath, combine_topk, expert_forward
+from ..kernels.reference import ExpertMath, combine_topk, expert_forward, prescale_rows
 
 __all__ = ["ExpertEngine", "LayerPlan", "get_engine", "engine_for_tensor", "engines_for_module"]
 
@@ -200,6 +200,20 @@ class ExpertEngine:
             if target_layer in self.layers:
                 self.cache.prefetch(target_layer, experts)
 
+    def layer_number_for(self, layer: int, w_up) -> int:
+        """The layer number under which the experts ``w_up`` are (or will be) known: the
+        one they already have, ``layer`` if it is free, else the layer index attached to
+        the tensor by the loader, else the next free number."""
+        for other, tensors in self._layer_tensors.items():
+            if tensors.get("up") is w_up:
+                return other
+        if layer not in self._layer_tensors:
+            return layer
+        entry = _attached(w_up)
+        if entry is not None and entry[2] is not None and entry[2] not in self._layer_tensors:
+            return entry[2]
+        return max(self._layer_tensors) + 1
+
     def _resolve_layer(self, layer: int, w_up, w_down, b_up, b_down) -> int:
         """The layer whose experts ``w_up`` holds. Dynamo may run one compiled graph for
         several modules with the same code (a graph break inside a decoder layer makes each
@@ -241,10 +255,13 @@ class ExpertEngine:
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
-        fused = self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down)
+        fused = (None if plan.math.prescale else
+                 self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down))
         if fused is not None:
             return fused
         rows = hidden[order // top_k]
+        if plan.math.prescale:
+            rows = prescale_rows(rows, topk_weights, order)
         out_rows = torch.zeros(rows.shape[0], plan.out_features, dtype=plan.rows_dtype,
                                device=hidden.device)
         if self.cache is None:
@@ -256,7 +273,8 @@ class ExpertEngine:
                 out_rows[offs[e]:offs[e + 1]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
         else:
             self._cached_experts(plan, active, offs, rows, out_rows)
-        return combine_topk(out_rows, topk_weights, order, hidden.dtype)
+        return combine_topk(out_rows, torch.ones_like(topk_weights) if plan.math.prescale else topk_weights,
+                            order, hidden.dtype)
 
     def _activation_kind(self, plan: LayerPlan, n_up: int, dtype, device):
         """The Triton activation kind of a layer's gating (None: the kernels don't have it)."""

@@ -122,7 +122,10 @@ FAMILY_OVERRIDES: dict[str, tuple[dict, str]] = {
     "dots3_note_text": (dict(num_key_value_heads=4, head_dim=16),
                         "validators want num_key_value_heads == num_attention_heads and "
                         "head_dim == qk_nope_head_dim + qk_rope_head_dim"),
-    "dots3_note": (dict(text_config=dict(num_key_value_heads=4, head_dim=16)), "as dots3_note_text"),
+    "dots3_note": (dict(text_config=dict(num_key_value_heads=4, head_dim=16),
+                        vision_config=dict(adapter_out_dim=_SIZES["hidden_size"]),
+                        audio_config=dict(adapter_out_dim=_SIZES["hidden_size"])),
+                   "as dots3_note_text; the vision/audio adapters' output width must equal the text hidden size"),
     "granitemoehybrid": (dict(mamba_d_head=16, mamba_expand=2, layer_types=["linear_attention", "full_attention"]),
                          "validator wants mamba_n_heads * mamba_d_head == mamba_expand * hidden_size; default "
                          "layer_types is all-mamba, which the 2-layer model cannot run (no attention cache layer)"),
