@@ -8,6 +8,7 @@ from .backend import collect_reports, expertflow_backend
 from .config import ExpertFlowConfig
 from .passes.report import ExplainReport
 from .runtime.engine import engines_for_module
+from .traceable import mark_expertflow_backend
 
 __all__ = ["explain", "stats", "reset_stats"]
 
@@ -31,7 +32,8 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
     report = ExplainReport()
 
     opts = {k: getattr(config, k) for k in ExpertFlowConfig.valid_keys()}
-    compiled = torch.compile(module, backend=lambda gm, ex: expertflow_backend(gm, ex, options=opts))
+    backend = mark_expertflow_backend(lambda gm, ex: expertflow_backend(gm, ex, options=opts))
+    compiled = torch.compile(module, backend=backend)
     with collect_reports(report.graphs.append), torch.no_grad():
         compiled(*args, **kwargs)
     return report

@@ -10,6 +10,8 @@ DISPATCH_OPS = ("grouped_mm_fallback", "_grouped_mm", "grouped_mm", "bmm")
 class CapturingBackend:
     """Runs the expertflow backend and keeps every rewritten graph."""
 
+    _expertflow_backend = True   # traceable.py: Dynamo traces the loop-free MoE forms for it
+
     def __init__(self, options=None):
         self.options = options or {}
         self.graphs = []

@@ -350,9 +350,12 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
 
     ext = input_nodes_of(region)
     w_up, w_down = tensor_meta(up.weight), tensor_meta(down.weight)
-    num_experts = w_up.shape[0]
-    if w_down.shape[0] != num_experts:
+    num_experts = w_down.shape[0]
+    if w_up.shape[0] < num_experts:
         raise _NoMatch("up and down expert weights disagree on the number of experts")
+    # more up rows than down rows: rows for identity ("zero") experts that never run
+    # their weights (LongCat-Flash); the ids the experts see must stay below E, which
+    # the block check confirms on real inputs and grouped_gemm checks at every call
     up_out, down_out = _gemm_output(up), _gemm_output(down)
     b_up, up_bias_nodes = _bias_of(up_out, region)
     b_down, down_bias_nodes = _bias_of(down_out, region)
@@ -441,7 +444,8 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
     hidden_size = h_v.shape[-1]
     inter = down_shape[1] if not down_t else down_shape[2]
     layer = _layer_of(up.weight.target if isinstance(up.weight.target, str) else "", scope)
-    layout = (f"up {list(up_shape)}{' transposed' if up_t else ''}, down {list(down_shape)}"
+    layout = (f"up {list(up_shape)}{' transposed' if up_t else ''}"
+              f"{f' (first {num_experts} used)' if up_shape[0] > num_experts else ''}, down {list(down_shape)}"
               f"{' transposed' if down_t else ''}" + (", biases" if b_up is not None or b_down is not None else ""))
     return MoEBlock(
         layer=layer if layer is not None else -1, scope=scope, hidden=hidden, topk_ids=ids,

@@ -198,7 +198,8 @@ class ExpertEngine:
                 wanted.setdefault(code >> LAYER_SHIFT, []).append(code & ((1 << LAYER_SHIFT) - 1))
         for target_layer, experts in wanted.items():
             if target_layer in self.layers:
-                self.cache.prefetch(target_layer, experts)
+                n = self.layers[target_layer].num_experts   # a router may score more (identity experts)
+                self.cache.prefetch(target_layer, [x for x in experts if x < n])
 
     def layer_number_for(self, layer: int, w_up) -> int:
         """The layer number under which the experts ``w_up`` are (or will be) known: the
@@ -242,6 +243,10 @@ class ExpertEngine:
         layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down)
         plan = self.layers[layer]
         offs = offsets.tolist()
+        if offs[-1] != order.numel():
+            raise RuntimeError(f"expertflow: MoE layer {layer} got expert ids outside [0, {plan.num_experts}) "
+                               f"({order.numel() - offs[-1]} of {order.numel()} (token, k) pairs); refusing "
+                               "to drop them silently")
         active = [e for e in range(plan.num_experts) if offs[e + 1] > offs[e]]
         top_k = topk_weights.shape[-1]
         if self.recorder is not None:
@@ -388,7 +393,9 @@ class ExpertEngine:
         if store is not None:
             self.store = store
         elif self.store is None or isinstance(self.store, TensorExpertStore):
-            self.store = TensorExpertStore({l: dict(t) for l, t in sorted(self._layer_tensors.items())})
+            self.store = TensorExpertStore({   # rows past E (identity experts' up rows) never run
+                l: {k: v[:self.layers[l].num_experts] for k, v in t.items()}
+                for l, t in sorted(self._layer_tensors.items())})
         budget = parse_budget(self.config.expert_budget)
         slots = budget.resolve_slots(self.store.specs, self.min_resident_experts())
         any_up = next(iter(self._layer_tensors.values()), {}).get("up")

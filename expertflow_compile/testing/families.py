@@ -150,6 +150,9 @@ FAMILY_OVERRIDES: dict[str, tuple[dict, str]] = {
     "doge": (dict(num_experts=16, num_experts_per_tok=2),
              "cross-domain MoE: experts are rows of an embedding table, num_experts must be a perfect square "
              "(product-key retrieval); default 16384"),
+    "longcat_flash": (dict(zero_expert_num=2, expert_ffn_hidden_size=48),
+                      "default zero_expert_num=256 identity experts next to 8 real ones: a short prompt's "
+                      "top-2 never reaches a real expert; 2 identity experts here"),
     "lfm2_moe": (dict(layer_types=["conv", "full_attention"]),
                  "layer_types defaults to None and is required to place conv vs attention layers"),
 }

@@ -1,0 +1,420 @@
+"""Traceable forms of MoE blocks that only have a per-expert Python loop.
+
+Some transformers families dispatch their experts with a Python loop over the experts
+that were hit (``nonzero()``, ``.tolist()``, ``.item()``): JetMoE, LongCat-Flash and
+DBRX. Dynamo graph-breaks at those calls and the loop runs outside any graph, so the
+backend never sees the dispatch. This module gives Dynamo an equivalent loop-free form
+of those blocks, written like Hugging Face's ``batched_mm`` experts implementation
+(rows gathered per (token, k), ``torch.bmm`` against ``W[ids]``, the family's
+activation, routing weights applied after the down projection, sum over k), which the
+matcher recognises. The form is used only while Dynamo traces for the expertflow
+backend; eager execution and every other backend keep running the original code.
+
+Mechanism
+---------
+* ``REGISTRY`` maps ``(transformers module, class, method)`` to a replacement.
+  ``install()`` swaps each registered method for a small dispatcher (``functools.wraps``
+  keeps the original's name, docstring and signature). It patches the modules already
+  imported and puts a finder on ``sys.meta_path`` that patches the others right after
+  they are imported (nothing is imported ahead of time). ``install()`` is idempotent;
+  ``uninstall()`` restores the originals. ``expertflow_compile.backend`` calls
+  ``install()`` when it is imported, i.e. at the latest when ``torch.compile`` looks up
+  the ``"expertflow"`` entry point, before the first trace.
+* A ``"trace"`` dispatcher runs ``torch.compiler.is_compiling() and
+  _expertflow_tracing()``. Outside Dynamo the first test is False and the original
+  runs. Inside Dynamo, ``_expertflow_tracing`` is an ``assume_constant_result``
+  function: Dynamo calls it while tracing and bakes the answer (a Python bool) into the
+  trace, so the untaken branch leaves no trace at all. It reads the backend of the
+  compile in progress (``InstructionTranslator.current_tx().output.compiler_fn``) and
+  unwraps torch's wrappers (``WrapBackendDebug._torchdynamo_orig_backend``,
+  ``_TorchCompileWrapper.compiler_fn``, ``functools.partial``, ``__wrapped__``) looking
+  for ``expertflow_backend`` or a callable marked with :func:`mark_expertflow_backend`
+  (for wrappers such as ``explain``'s or a test's capturing backend). Dynamo keys its
+  cache entries by backend, so code traced for expertflow is never reused by another
+  backend.
+* A ``"batched"`` dispatcher (on the experts modules) takes the loop-free path only when
+  called with the keyword ``_expertflow_batched=<mode>``, which only the ``"trace"``
+  forms pass: the expert math then runs inside the experts module's own scope (the
+  matcher bounds a block by the module scope of its expert GEMMs), while
+  family-specific work (routing, clamping ids, identity experts, biases) stays in the
+  parent's scope.
+
+Families
+--------
+* jetmoe: ``JetMoeMoE`` routes in its own scope and calls the two expert GEMMs through
+  ``input_linear`` (its scope holds both; ``output_linear.weight`` is passed in);
+  ``+ self.bias`` stays in the parent. ``JetMoeTopKGating`` keeps ``expert_size`` a
+  tensor (no ``.tolist()``), so router-logit hooks still fire. The attention experts
+  (``JetMoeMoA.map`` / ``reduce``) get the same treatment: the layer traces without a
+  graph break; the matcher leaves them alone (their two GEMMs are in different modules,
+  with attention between them).
+* longcat_flash: ids >= ``n_routed_experts`` are identity experts. The parent clamps
+  the ids into the routed range, zeroes their routing weight for the real experts and
+  adds ``x * weight`` for the identity ones itself.
+* dbrx: ``DbrxFFN`` flattens the tokens and calls ``DbrxExperts`` batched: w1/v1/w2
+  are 2-D ``[E*I, H]`` parameters viewed as ``[E, I, H]``; gate = x @ w1[e].T,
+  up = x @ v1[e].T, down = inter @ w2[e].
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.abc
+import sys
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+__all__ = ["REGISTRY", "install", "uninstall", "installed", "mark_expertflow_backend",
+           "is_expertflow_backend"]
+
+_MARK = "_expertflow_backend"
+
+
+# --------------------------------------------------------------------------- backend test
+
+def mark_expertflow_backend(fn):
+    """Mark a callable backend that runs ``expertflow_backend`` (a wrapper, a lambda),
+    so that the traceable forms are used when it compiles. Returns ``fn``."""
+    try:
+        setattr(fn, _MARK, True)
+    except (AttributeError, TypeError):   # e.g. a bound method: mark what it wraps instead
+        setattr(getattr(fn, "__func__"), _MARK, True)
+    return fn
+
+
+def is_expertflow_backend(fn) -> bool:
+    """Whether the torch.compile backend ``fn`` is (a wrapper of) the expertflow backend."""
+    seen = set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if getattr(fn, _MARK, False) is True:
+            return True
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+            continue
+        nxt = getattr(fn, "_torchdynamo_orig_backend", None)        # WrapBackendDebug & co
+        if nxt is None and type(fn).__name__ == "_TorchCompileWrapper":
+            nxt = getattr(fn, "compiler_fn", None)                   # torch.compile(..., options=)
+        if nxt is None:
+            nxt = getattr(fn, "__wrapped__", None)
+        fn = nxt
+    return False
+
+
+@torch._dynamo.assume_constant_result
+def _expertflow_tracing() -> bool:
+    """True while Dynamo traces for the expertflow backend. Only ever called under
+    ``torch.compiler.is_compiling()``; Dynamo evaluates it at trace time (constant)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        return False
+    output = getattr(tx, "output", None)
+    return output is not None and is_expertflow_backend(getattr(output, "compiler_fn", None))
+
+
+# --------------------------------------------------------------------------- batched math
+
+def _rows(x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x repeated per (token, k) [S, H], flat ids [S]) with S = tokens * k."""
+    return x.repeat_interleave(ids.size(-1), dim=0), ids.reshape(-1)
+
+
+def _linear_rows(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """rows[s] @ w[s].T for gathered [S, out, in] weights (HF ``_batched_linear``)."""
+    return torch.bmm(w, rows.unsqueeze(-1)).squeeze(-1)
+
+
+def _combine(out: torch.Tensor, weights: torch.Tensor, num_tokens, dtype: torch.dtype) -> torch.Tensor:
+    """Routing weights after the down projection, then the sum over k: [T, H]."""
+    out = out * weights.reshape(-1).unsqueeze(-1)
+    return out.view(num_tokens, weights.size(-1), out.size(-1)).sum(dim=1).to(dtype)
+
+
+def _glu(act, h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass
+class Patch:
+    """One method replaced by :func:`install`.
+
+    kind "trace": ``fn(self, *args, **kwargs)`` replaces the method while Dynamo traces
+    for expertflow. kind "batched": ``fn(self, mode, *args)`` runs when the method is
+    called with ``_expertflow_batched=mode`` (only the "trace" forms do that).
+    kind "topo": ``fn`` runs when the last positional argument is a ``_MoATopo``.
+    """
+
+    module: str
+    cls: str
+    method: str
+    kind: str
+    fn: Callable
+
+
+REGISTRY: dict[tuple[str, str, str], Patch] = {}
+
+
+def register(module: str, cls: str, method: str = "forward", kind: str = "trace"):
+    def deco(fn):
+        REGISTRY[(module, cls, method)] = Patch(module, cls, method, kind, fn)
+        return fn
+    return deco
+
+
+# ---- jetmoe
+
+_JETMOE = "transformers.models.jetmoe.modeling_jetmoe"
+
+
+class _MoATopo(NamedTuple):
+    """JetMoE attention-expert routing as the traceable ``map`` returns it to ``reduce``."""
+
+    ids: torch.Tensor     # [T, k]
+    gates: torch.Tensor   # [T, k]
+
+
+@register(_JETMOE, "JetMoeTopKGating")
+def _jetmoe_gating(self, hidden_states):
+    """The original, with ``expert_size`` left a tensor (no ``.tolist()``); its only
+    callers (``JetMoeMoE``, ``JetMoeMoA.map``) are traceable under the same condition."""
+    logits = self.layer(hidden_states).float()
+    top_k_logits, top_k_indices = logits.topk(self.top_k, dim=1)
+    top_k_gates = torch.softmax(top_k_logits, dim=1).type_as(hidden_states)
+    zeros = torch.zeros([top_k_gates.size(0), self.num_experts], dtype=top_k_gates.dtype,
+                        device=top_k_gates.device)
+    expert_size = zeros.scatter(1, top_k_indices, 1).long().sum(0)
+    top_k_experts = top_k_indices.flatten()
+    _, index_sorted_experts = top_k_experts.sort(0)
+    batch_index = index_sorted_experts.div(self.top_k, rounding_mode="trunc")
+    batch_gates = top_k_gates.flatten()[index_sorted_experts]
+    return index_sorted_experts, batch_index, batch_gates, expert_size, logits
+
+
+def _jetmoe_route(router, x):
+    """(ids [T, k], gates [T, k], logits) as ``JetMoeTopKGating`` computes them."""
+    logits = router(x)[4]
+    top_k_logits, ids = logits.topk(router.top_k, dim=1)
+    return ids, torch.softmax(top_k_logits, dim=1).type_as(x), logits
+
+
+@register(_JETMOE, "JetMoeMoE")
+def _jetmoe_moe(self, layer_input):
+    bsz, length, emb_size = layer_input.size()
+    x = layer_input.reshape(-1, emb_size)
+    ids, gates, _ = _jetmoe_route(self.router, x)
+    out = self.input_linear(x, ids, gates, self.output_linear.weight, self.activation,
+                            _expertflow_batched="glu_ffn")
+    return out.view(bsz, length, self.input_size) + self.bias
+
+
+@register(_JETMOE, "JetMoeParallelExperts", kind="batched")
+def _jetmoe_parallel_experts(self, mode, *args):
+    if mode == "glu_ffn":   # the whole expert FFN: self holds the up weight, down passed in
+        x, ids, gates, down_weight, act = args
+        rows, flat = _rows(x, ids)
+        h = _glu(act, _linear_rows(rows, self.weight[flat]))
+        return _combine(_linear_rows(h, down_weight[flat]), gates, x.size(0), x.dtype)
+    if mode == "rows":      # one projection of already gathered rows: rows[s] @ W[ids[s]].T
+        rows, flat = args
+        return _linear_rows(rows, self.weight[flat])
+    raise ValueError(f"unknown batched mode {mode!r}")
+
+
+@register(_JETMOE, "JetMoeMoA", "map")
+def _jetmoe_moa_map(self, layer_input):
+    bsz, length, emb_size = layer_input.size()
+    x = layer_input.reshape(-1, emb_size)
+    ids, gates, logits = _jetmoe_route(self.router, x)
+    rows, flat = _rows(x, ids)
+    q = self.input_linear(rows, flat, _expertflow_batched="rows")   # row t*k + j: expert ids[t, j]
+    return q.view(bsz, length, self.top_k, -1), logits, _MoATopo(ids, gates)
+
+
+@register(_JETMOE, "JetMoeMoA", "reduce", kind="topo")
+def _jetmoe_moa_reduce(self, layer_input, topo_info):
+    bsz, length, k, hidden_size = layer_input.size()
+    rows = layer_input.reshape(-1, hidden_size)
+    out = self.output_linear(rows, topo_info.ids.reshape(-1), _expertflow_batched="rows")
+    out = _combine(out, topo_info.gates, bsz * length, out.dtype)
+    return out.view(bsz, length, self.input_size) + self.bias
+
+
+# ---- longcat_flash
+
+_LONGCAT = "transformers.models.longcat_flash.modeling_longcat_flash"
+
+
+@register(_LONGCAT, "LongcatFlashMoE")
+def _longcat_moe(self, hidden_states):
+    orig_shape = hidden_states.shape
+    _, weights, ids = self.router(hidden_states)
+    x = hidden_states.view(-1, hidden_states.shape[-1])
+    experts = self.experts
+    n = experts.num_routed_experts
+    identity = experts.zero_expert_num > 0 or n == 0
+    routed = ids < n if identity else None
+    if experts.gate_up_proj is None or n == 0:
+        out = torch.zeros_like(x)
+    elif experts.zero_expert_num == 0:
+        out = experts(x, ids, weights, _expertflow_batched="glu_ffn")
+    else:
+        # identity slots: a clamped (in-range) id with weight 0 for the real experts
+        out = experts(x, ids.clamp(max=n - 1), weights.masked_fill(~routed, 0.0),
+                      _expertflow_batched="glu_ffn")
+    if identity:
+        ident = weights.masked_fill(routed, 0.0)   # identity experts: x * weight, per slot
+        out = out + (x.unsqueeze(1) * ident.unsqueeze(-1)).to(x.dtype).sum(dim=1)
+    return out.view(*orig_shape)
+
+
+@register(_LONGCAT, "LongcatFlashExperts", kind="batched")
+def _longcat_experts(self, mode, x, ids, weights):
+    if mode != "glu_ffn":
+        raise ValueError(f"unknown batched mode {mode!r}")
+    rows, flat = _rows(x, ids)
+    h = _glu(self.act_fn, _linear_rows(rows, self.gate_up_proj[flat]))
+    return _combine(_linear_rows(h, self.down_proj[flat]), weights, x.size(0), x.dtype)
+
+
+# ---- dbrx
+
+_DBRX = "transformers.models.dbrx.modeling_dbrx"
+
+
+@register(_DBRX, "DbrxFFN")
+def _dbrx_ffn(self, hidden_states):
+    router_logits = self.router(hidden_states)
+    weights, ids = self.route_tokens_to_experts(router_logits)
+    batch_size = hidden_states.shape[0]
+    hidden = self.experts.hidden_size
+    out = self.experts(hidden_states.reshape(-1, hidden), ids, weights, _expertflow_batched="glu_ffn")
+    return out.view(batch_size, -1, hidden)
+
+
+@register(_DBRX, "DbrxExperts", kind="batched")
+def _dbrx_experts(self, mode, x, ids, weights):
+    if mode != "glu_ffn":
+        raise ValueError(f"unknown batched mode {mode!r}")
+    shape = (self.num_experts, self.ffn_hidden_size, self.hidden_size)
+    rows, flat = _rows(x, ids)
+    mlp = self.mlp
+    gate = _linear_rows(rows, mlp.w1.view(shape)[flat])                 # x @ w1[e].T
+    up = _linear_rows(rows, mlp.v1.view(shape)[flat])                   # x @ v1[e].T
+    h = mlp.activation_fn(gate) * up
+    down = torch.bmm(h.unsqueeze(1), mlp.w2.view(shape)[flat]).squeeze(1)   # h @ w2[e]
+    return _combine(down, weights, x.size(0), x.dtype)
+
+
+# --------------------------------------------------------------------------- install
+
+# (module, class, method) -> (class, original method), for uninstall()
+_ORIGINALS: dict[tuple[str, str, str], tuple[type, Callable]] = {}
+
+
+def _dispatcher(patch: Patch, original: Callable) -> Callable:
+    key = (patch.module, patch.cls, patch.method)
+    if patch.kind == "trace":
+        def dispatch(self, *args, **kwargs):
+            if torch.compiler.is_compiling() and _expertflow_tracing():
+                return REGISTRY[key].fn(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
+    elif patch.kind == "batched":
+        def dispatch(self, *args, _expertflow_batched=None, **kwargs):
+            if _expertflow_batched is not None:
+                return REGISTRY[key].fn(self, _expertflow_batched, *args, **kwargs)
+            return original(self, *args, **kwargs)
+    elif patch.kind == "topo":
+        def dispatch(self, *args, **kwargs):
+            if args and isinstance(args[-1], _MoATopo):
+                return REGISTRY[key].fn(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
+    else:
+        raise ValueError(f"unknown patch kind {patch.kind!r}")
+    functools.wraps(original)(dispatch)
+    dispatch._expertflow_original = original
+    return dispatch
+
+
+def _patch_module(module_name: str) -> None:
+    mod = sys.modules.get(module_name)
+    if mod is None:
+        return
+    for key, patch in REGISTRY.items():
+        if patch.module != module_name:
+            continue
+        cls = getattr(mod, patch.cls, None)
+        original = cls.__dict__.get(patch.method) if isinstance(cls, type) else None
+        if original is None or hasattr(original, "_expertflow_original"):
+            continue   # another transformers version (nothing to patch), or already patched
+        _ORIGINALS[key] = (cls, original)
+        setattr(cls, patch.method, _dispatcher(patch, original))
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the wrapped loader, then patches the module it loaded."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        _patch_module(module.__name__)
+
+    def __getattr__(self, name):   # get_source, get_filename, ... for inspect/linecache
+        return getattr(self._inner, name)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches a registered transformers module right after it is imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in {p.module for p in REGISTRY.values()}:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+_FINDER = _PatchOnImport()
+
+
+def install() -> None:
+    """Put the dispatchers in place (see the module docstring); idempotent."""
+    for module_name in {p.module for p in REGISTRY.values()}:
+        _patch_module(module_name)
+    if not any(f is _FINDER for f in sys.meta_path):
+        sys.meta_path.insert(0, _FINDER)
+
+
+def uninstall() -> None:
+    """Restore the original methods and stop patching on import."""
+    while _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+    for key, (cls, original) in list(_ORIGINALS.items()):
+        if hasattr(cls.__dict__.get(key[2]), "_expertflow_original"):
+            setattr(cls, key[2], original)
+        del _ORIGINALS[key]
+
+
+def installed() -> list[tuple[str, str, str]]:
+    """The (module, class, method) currently dispatched."""
+    return sorted(k for k, (cls, _) in _ORIGINALS.items()
+                  if hasattr(cls.__dict__.get(k[2]), "_expertflow_original"))
