@@ -2,7 +2,7 @@
 
 Some transformers families dispatch their experts with a Python loop over the experts
 that were hit (``nonzero()``, ``.tolist()``, ``.item()``): JetMoE, LongCat-Flash and
-DBRX. Dynamo graph-breaks at those calls and the loop runs outside any graph, so the
+DBRX (and Llama-4, whose dense all-experts dispatch has no ids to find). Dynamo graph-breaks at those calls and the loop runs outside any graph, so the
 backend never sees the dispatch. This module gives Dynamo an equivalent loop-free form
 of those blocks, written like Hugging Face's ``batched_mm`` experts implementation
 (rows gathered per (token, k), ``torch.bmm`` against ``W[ids]``, the family's
@@ -51,6 +51,10 @@ Families
 * longcat_flash: ids >= ``n_routed_experts`` are identity experts. The parent clamps
   the ids into the routed range, zeroes their routing weight for the real experts and
   adds ``x * weight`` for the identity ones itself.
+* llama4 / llama4_text: ``Llama4TextMoe`` runs every expert densely on
+  ``x * sigmoid(score)``; the form takes the router's top-k instead and the experts
+  scale their input rows (``ExpertMath.prescale``). Not a loop, but the dense dispatch
+  has no (ids, weights) for the matcher to find.
 * dbrx: ``DbrxFFN`` flattens the tokens and calls ``DbrxExperts`` batched: w1/v1/w2
   are 2-D ``[E*I, H]`` parameters viewed as ``[E, I, H]``; gate = x @ w1[e].T,
   up = x @ v1[e].T, down = inter @ w2[e].
@@ -312,6 +316,40 @@ def _dbrx_experts(self, mode, x, ids, weights):
     h = mlp.activation_fn(gate) * up
     down = torch.bmm(h.unsqueeze(1), mlp.w2.view(shape)[flat]).squeeze(1)   # h @ w2[e]
     return _combine(down, weights, x.size(0), x.dtype)
+
+
+# ---- llama4
+
+_LLAMA4 = "transformers.models.llama4.modeling_llama4"
+
+
+@register(_LLAMA4, "Llama4TextMoe")
+def _llama4_moe(self, hidden_states):
+    """Llama-4 runs every expert on every token, each on ``x * sigmoid(score)`` (0 for
+    the experts not in the token's top-k, whose output is then 0). Same sum, taken over
+    the top-k only: ids and weights are the router's top-k and the sigmoid of their
+    logits, and the experts scale their input rows (the matcher's "pre-scaled" form)."""
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = torch.nn.functional.linear(x, self.router.weight, self.router.bias)
+    top_value, ids = torch.topk(router_logits, self.top_k, dim=1)
+    weights = torch.sigmoid(top_value.float()).to(router_logits.dtype)
+    routed = self.experts(x, ids, weights, _expertflow_batched="prescaled_glu_ffn")
+    out = self.shared_expert(x)
+    out.add_(routed)
+    return out, router_logits
+
+
+@register(_LLAMA4, "Llama4TextExperts", kind="batched")
+def _llama4_experts(self, mode, x, ids, weights):
+    if mode != "prescaled_glu_ffn":
+        raise ValueError(f"unknown batched mode {mode!r}")
+    rows, flat = _rows(x, ids)
+    rows = rows * weights.reshape(-1, 1)                       # the router-scaled input
+    gate_up = torch.bmm(rows.unsqueeze(1), self.gate_up_proj[flat]).squeeze(1)   # [E, H, 2I]: x @ W
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = up * self.act_fn(gate)
+    out = torch.bmm(h.unsqueeze(1), self.down_proj[flat]).squeeze(1)
+    return out.view(x.size(0), ids.size(-1), -1).sum(dim=1)
 
 
 # --------------------------------------------------------------------------- install
