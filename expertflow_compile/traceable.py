@@ -51,6 +51,9 @@ Families
 * longcat_flash: ids >= ``n_routed_experts`` are identity experts. The parent clamps
   the ids into the routed range, zeroes their routing weight for the real experts and
   adds ``x * weight`` for the identity ones itself.
+* every family using HF's experts interface with ``experts_implementation="eager"``:
+  ``ExpertsInterface.get_interface`` returns HF's ``grouped_mm`` implementation instead
+  of the loop.
 * llama4 / llama4_text: ``Llama4TextMoe`` runs every expert densely on
   ``x * sigmoid(score)``; the form takes the router's top-k instead and the experts
   scale their input rows (``ExpertMath.prescale``). Not a loop, but the dense dispatch
@@ -316,6 +319,23 @@ def _dbrx_experts(self, mode, x, ids, weights):
     h = mlp.activation_fn(gate) * up
     down = torch.bmm(h.unsqueeze(1), mlp.w2.view(shape)[flat]).squeeze(1)   # h @ w2[e]
     return _combine(down, weights, x.size(0), x.dtype)
+
+
+# ---- any family with HF's experts interface, set to its per-expert loop
+
+_HF_MOE = "transformers.integrations.moe"
+
+
+@register(_HF_MOE, "ExpertsInterface", "get_interface")
+def _experts_interface(self, experts_implementation, default):
+    """``experts_implementation="eager"`` selects the per-expert loop, which Dynamo
+    splits off the graph. While expertflow traces, hand out HF's own ``grouped_mm``
+    implementation instead (the same math, the one the matcher reads); eager runs
+    and other backends still get the loop."""
+    original = _ORIGINALS[(_HF_MOE, "ExpertsInterface", "get_interface")][1]
+    if experts_implementation == "eager" and "grouped_mm" in self:
+        return original(self, "grouped_mm", default)
+    return original(self, experts_implementation, default)
 
 
 # ---- llama4
