@@ -128,9 +128,10 @@ def compile_graph(
             layer=block.layer, num_experts=block.num_experts, top_k=block.top_k,
             hidden_size=block.hidden_size, math=block.math, rows_dtype=block.rows_dtype,
             out_features=block.out_features, has_up_bias=block.up_bias is not None,
-            has_down_bias=block.down_bias is not None,
+            has_down_bias=block.down_bias is not None, has_up2=block.up2_weight is not None,
+            views=tuple(sorted(block.views.items())),
         )
-        engine.register_layer(plan, [values.get(p) for p in block.params()])
+        engine.register_layer(plan, [values.get(p) if p is not None else None for p in block.param_slots()])
         source = lookahead.get(block.layer)
         if source is not None:
             engine.register_router(block.layer, source.fn, [values.get(p) for p in source.params])

@@ -91,6 +91,7 @@ def grouped_gemm(
     b_down: torch.Tensor | None,
     engine_id: int,
     layer: int,
+    w_up2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the routed experts of one MoE layer and combine them into token order.
 
@@ -98,12 +99,14 @@ def grouped_gemm(
     :func:`permute`. The expert weights ``w_up``/``w_down`` (and biases) are the
     model's own tensors when every expert is resident; when the engine offloads, it
     reads each expert from its device cache instead and these may be placeholders.
+    ``w_up2`` is the up weight of families whose gate and up weights are separate
+    (``w_up`` is then the gate). 2-D weights are viewed per expert by the engine.
     """
     return _engine(engine_id).grouped_gemm(
-        layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down
+        layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2
     )
 
 
 @grouped_gemm.register_fake
-def _(hidden, topk_weights, order, offsets, token, w_up, w_down, b_up, b_down, engine_id, layer):
+def _(hidden, topk_weights, order, offsets, token, w_up, w_down, b_up, b_down, engine_id, layer, w_up2=None):
     return torch.empty_like(hidden)

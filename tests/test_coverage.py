@@ -28,11 +28,8 @@ FAST_SAMPLE = ["granitemoeshared", "glm4_moe_lite", "jamba", "llama4_text", "qwe
                "deepseek_v4", "inkling_text"]
 
 # Families whose MoE layers are not (all) rewritten today, with the reason the
-# coverage run found. Exactness is still asserted for them.
-UNMATCHED = {
-    "dbrx": "experts are 2-D [E*I, H] parameters viewed as [E, I, H], with separate gate (w1) and up (v1) "
-            "weights: three expert GEMMs (its loop is traced, see traceable.py, but not matched)",
-}
+# coverage run found (none with transformers 5.24). Exactness is still asserted for them.
+UNMATCHED: dict[str, str] = {}
 
 # Families that cannot be built tiny from their config class alone.
 UNBUILDABLE: dict[str, str] = {}

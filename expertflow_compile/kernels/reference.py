@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ExpertMath", "expert_forward", "combine_topk", "prescale_rows"]
+__all__ = ["ExpertMath", "SplitGate", "expert_forward", "combine_topk", "prescale_rows"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,18 @@ class ExpertMath:
     prescale: bool = False
 
 
+class SplitGate:
+    """The gating of a family with separate gate and up weights (DBRX): the up
+    projection's output is ``cat([x @ gate.T, x @ up.T], -1)``; ``fn(gate_out, up_out)``
+    is the two-input function extracted from the graph, ``split`` the gate's width."""
+
+    def __init__(self, fn: Callable, split: int):
+        self.fn, self.split = fn, split
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h[..., :self.split], h[..., self.split:])
+
+
 def prescale_rows(rows: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Rows (in ``order``) multiplied by their routing weight, as a pre-scaling family does."""
     return rows * topk_weights.reshape(-1)[order].unsqueeze(-1).to(rows.dtype)
@@ -54,6 +66,8 @@ def expert_forward(
     """One expert on its rows ``x`` [S, H]; ``weights`` holds up/down (+ biases) of that expert."""
     up = weights["up"]
     h = _linear(x.to(up.dtype), up, math.up_transposed)
+    if weights.get("up2") is not None:   # separate gate and up weights: SplitGate takes both
+        h = torch.cat([h, _linear(x.to(up.dtype), weights["up2"], math.up_transposed)], dim=-1)
     if weights.get("up_bias") is not None:
         h = h + weights["up_bias"]
     h = math.gate_fn(h)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..kernels.reference import ExpertMath
+from ..kernels.reference import ExpertMath, SplitGate
 from .fx_utils import (
     ancestors, call_name, descendants, extract_subgraph, input_nodes_of, is_op, node_value,
     tensor_meta,
@@ -36,6 +36,8 @@ __all__ = ["MoEBlock", "Unmatched", "MatchResult", "find_moe_blocks"]
 GEMM_OPS = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback", "bmm", "matmul")
 # ops a weight goes through between its placeholder and a GEMM
 _WEIGHT_VIEW_OPS = ("transpose", "t", "to", "contiguous", "type", "float", "bfloat16", "half", "getitem")
+# ops that turn a 2-D [E*N, K] parameter into the [E, N, K] expert view (DBRX)
+_EXPERT_VIEW_OPS = ("view", "reshape", "_unsafe_view")
 # ops that keep the identity of a top-k id tensor
 _IDS_VIEW_OPS = ("reshape", "view", "to", "contiguous", "long", "int", "clone", "flatten")
 _INPLACE_ADD = ("method:add_", "operator.iadd")
@@ -69,9 +71,15 @@ class MoEBlock:
     router_weight: fx.Node | None = None
     layout: str = ""
     router: fx.Node | None = None    # the router linear (its logits feed the routing math)
+    up2_weight: fx.Node | None = None   # a separate up projection (gate and up not fused: DBRX)
+    views: dict[str, tuple] = field(default_factory=dict)   # name -> [E, N, K] view of a 2-D weight
 
     def params(self) -> list[fx.Node]:
-        return [n for n in (self.up_weight, self.down_weight, self.up_bias, self.down_bias) if n is not None]
+        return [n for n in self.param_slots() if n is not None]
+
+    def param_slots(self) -> list[fx.Node | None]:
+        """(up, down, up bias, down bias, second up), None where absent: the engine's order."""
+        return [self.up_weight, self.down_weight, self.up_bias, self.down_bias, self.up2_weight]
 
 
 @dataclass
@@ -114,12 +122,22 @@ def _strip(node, ops) -> fx.Node:
     return node
 
 
-def _weight_source(arg) -> tuple[fx.Node, bool, bool] | None:
-    """(3-D placeholder, went through a transpose, was indexed by ids) for a GEMM operand."""
+def _weight_source(arg) -> tuple[fx.Node, bool, bool, tuple | None] | None:
+    """(expert weight placeholder, went through a transpose, was indexed by ids, the
+    [E, N, K] view of a 2-D placeholder or None) for a GEMM operand."""
     transposed = indexed = False
+    view = None
     node = arg
     while isinstance(node, fx.Node) and node.op != "placeholder":
-        if not is_op(node, *_WEIGHT_VIEW_OPS) or not node.args or not isinstance(node.args[0], fx.Node):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        if is_op(node, *_EXPERT_VIEW_OPS) and view is None:
+            inner, out = tensor_meta(node.args[0]), tensor_meta(node)
+            if (node.args[0].op != "placeholder" or inner is None or out is None or inner.dim() != 2
+                    or out.dim() != 3 or inner.numel() != out.numel() or out.shape[-1] != inner.shape[-1]):
+                return None
+            view = tuple(int(d) for d in out.shape)
+        elif not is_op(node, *_WEIGHT_VIEW_OPS):
             return None
         if is_op(node, "transpose", "t"):
             transposed = not transposed
@@ -129,9 +147,9 @@ def _weight_source(arg) -> tuple[fx.Node, bool, bool] | None:
     if not isinstance(node, fx.Node):
         return None
     v = tensor_meta(node)
-    if v is None or v.dim() != 3 or not v.is_floating_point():
+    if v is None or not v.is_floating_point() or v.dim() != (2 if view is not None else 3):
         return None
-    return node, transposed, indexed
+    return node, transposed, indexed, view
 
 
 @dataclass
@@ -141,6 +159,7 @@ class _Gemm:
     weight_transposed_view: bool   # the op saw weight.transpose(-2, -1)
     activation_operand: fx.Node
     weight_is_left: bool           # bmm(W, x): W @ x
+    view: tuple | None = None      # [E, N, K] view of a 2-D [E*N, K] parameter
 
 
 def _find_gemms(graph: fx.Graph) -> list[_Gemm]:
@@ -151,9 +170,9 @@ def _find_gemms(graph: fx.Graph) -> list[_Gemm]:
         a, b = n.args[0], n.args[1]
         src_b, src_a = _weight_source(b), _weight_source(a)
         if src_b is not None and isinstance(a, fx.Node):
-            gemms.append(_Gemm(n, src_b[0], src_b[1], a, False))
+            gemms.append(_Gemm(n, src_b[0], src_b[1], a, False, src_b[3]))
         elif src_a is not None and isinstance(b, fx.Node):
-            gemms.append(_Gemm(n, src_a[0], src_a[1], b, True))
+            gemms.append(_Gemm(n, src_a[0], src_a[1], b, True, src_a[3]))
     return gemms
 
 
@@ -328,7 +347,27 @@ def _number(graph: fx.Graph) -> None:
         n.meta["_ef_order"] = i
 
 
-def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
+def _up_t(g: _Gemm) -> bool:
+    """Whether the stored up weight is [in, out] per expert (see ``_match_pair``)."""
+    return (not g.weight_is_left) if is_op(g.node, "bmm", "matmul") else (not g.weight_transposed_view)
+
+
+def _shape(g: _Gemm) -> tuple:
+    return g.view if g.view is not None else tuple(tensor_meta(g.weight).shape)
+
+
+def _second_up(up: _Gemm, down: _Gemm, region: set[fx.Node], gemms: list[_Gemm]) -> _Gemm | None:
+    """A second expert GEMM on the same rows as ``up`` (separate gate and up weights)."""
+    rows = _gemm_input(up)
+    for g in gemms:
+        if g is up or g is down or g.node not in region or g.weight is up.weight:
+            continue
+        if _gemm_input(g) is rows and g.node.target is up.node.target and g.weight_is_left == up.weight_is_left:
+            return g
+    return None
+
+
+def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
     scope = _scope_of(up.node)
     if scope is None:
         raise _NoMatch("the graph carries no module-scope metadata to bound the dispatch region")
@@ -349,9 +388,12 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
     output = outs[0]
 
     ext = input_nodes_of(region)
-    w_up, w_down = tensor_meta(up.weight), tensor_meta(down.weight)
-    num_experts = w_down.shape[0]
-    if w_up.shape[0] < num_experts:
+    up2 = _second_up(up, down, region, gemms)
+    up_shape, down_shape = _shape(up), _shape(down)
+    num_experts = down_shape[0]
+    if up2 is not None and (_shape(up2) != up_shape or up2.weight_transposed_view != up.weight_transposed_view):
+        raise _NoMatch("the two up projections (gate and up) have different shapes or layouts")
+    if up_shape[0] < num_experts:
         raise _NoMatch("up and down expert weights disagree on the number of experts")
     # more up rows than down rows: rows for identity ("zero") experts that never run
     # their weights (LongCat-Flash); the ids the experts see must stay below E, which
@@ -359,7 +401,7 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
     up_out, down_out = _gemm_output(up), _gemm_output(down)
     b_up, up_bias_nodes = _bias_of(up_out, region)
     b_down, down_bias_nodes = _bias_of(down_out, region)
-    params = {up.weight, down.weight, b_up, b_down}
+    params = {up.weight, down.weight, b_up, b_down} | ({up2.weight} if up2 is not None else set())
     tensors = [n for n in ext if tensor_meta(n) is not None and n not in params]
     others = [n for n in ext if tensor_meta(n) is None and not isinstance(node_value(n), (int, torch.SymInt))]
     if others:
@@ -400,9 +442,18 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
     skip = up_bias_nodes | down_bias_nodes
     d_in = _gemm_input(down)
     gate_seg = _segment(up_out, d_in, region, skip)
+    if up2 is not None:
+        up2_out = _gemm_output(up2)
+        gate_seg |= _segment(up2_out, d_in, region, skip)
     if not gate_seg:
         raise _NoMatch("no gating/activation between the two projections")
-    gate_fn = _extract_fn(up_out, d_in, gate_seg, "gating function")
+    if up2 is None:
+        gate_fn = _extract_fn(up_out, d_in, gate_seg, "gating function")
+    else:
+        bad = [n for n in input_nodes_of(gate_seg) if n not in (up_out, up2_out)]
+        if bad:
+            raise _NoMatch(f"the gating function reads more than the projection outputs: {[n.name for n in bad]}")
+        gate_fn = SplitGate(extract_subgraph(gate_seg, [up_out, up2_out], d_in), int(up_shape[1 if not _up_t(up) else 2]))
 
     # the routing-weight multiply after the down projection
     after_down = descendants([down_out], limit=region) | {down_out}
@@ -440,13 +491,14 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
         dispatch = "grouped_mm" if "fallback" not in call_name(up.node) else "grouped_mm_fallback"
     if prescale:
         dispatch += ", routing weight on the input rows"
-    up_shape, down_shape = tuple(w_up.shape), tuple(w_down.shape)
     hidden_size = h_v.shape[-1]
     inter = down_shape[1] if not down_t else down_shape[2]
     layer = _layer_of(up.weight.target if isinstance(up.weight.target, str) else "", scope)
     layout = (f"up {list(up_shape)}{' transposed' if up_t else ''}"
               f"{f' (first {num_experts} used)' if up_shape[0] > num_experts else ''}, down {list(down_shape)}"
-              f"{' transposed' if down_t else ''}" + (", biases" if b_up is not None or b_down is not None else ""))
+              f"{' transposed' if down_t else ''}" + (", biases" if b_up is not None or b_down is not None else "")
+              + (", gate and up separate" if up2 is not None else "")
+              + (", viewed from 2-D [E*N, K] parameters" if any(g.view for g in (up, down)) else ""))
     return MoEBlock(
         layer=layer if layer is not None else -1, scope=scope, hidden=hidden, topk_ids=ids,
         topk_weights=weights, output=output, region=region, up_weight=up.weight,
@@ -460,6 +512,9 @@ def _match_pair(up: _Gemm, down: _Gemm) -> MoEBlock:
                  if table is not None else _routing_description(ids, weights, router)),
         activation=_describe_fn(gate_seg), router_weight=router_w, layout=layout,
         router=None if table is not None else router,
+        up2_weight=up2.weight if up2 is not None else None,
+        views={name: g.view for name, g in (("up", up), ("down", down), ("up2", up2))
+               if g is not None and g.view is not None},
     )
 
 
@@ -532,7 +587,9 @@ def find_moe_blocks(gm: fx.GraphModule) -> MatchResult:
         down = downs[0]
         used.update({g.node, down.node})
         try:
-            result.blocks.append(_match_pair(g, down))
+            block = _match_pair(g, down, gemms)
+            result.blocks.append(block)
+            used.update(x.node for x in gemms if x.node in block.region)   # e.g. a separate up GEMM
         except _NotRouted:   # the scope's other GEMMs (e.g. a third projection) are not experts either
             scope = _scope_of(g.node)
             used.update(x.node for x in gemms if _scope_of(x.node) == scope)

@@ -103,13 +103,16 @@ def check_blocks(
             results[i] = BlockCheck(False, float("inf"), 0.0, "the block's output was not computed")
             continue
         hidden, ids, wts, ref = v[b.hidden], v[b.topk_ids], v[b.topk_weights], v[b.output]
-        up, down = placeholder_values[b.up_weight], placeholder_values[b.down_weight]
-        bu = placeholder_values.get(b.up_bias) if b.up_bias is not None else None
-        bd = placeholder_values.get(b.down_bias) if b.down_bias is not None else None
+        def value(name, node):
+            t = placeholder_values.get(node) if node is not None else None
+            return t.view(b.views[name]) if t is not None and name in b.views else t
 
-        def weights_of(e, up=up, down=down, bu=bu, bd=bd):
+        up, down, up2 = value("up", b.up_weight), value("down", b.down_weight), value("up2", b.up2_weight)
+        bu, bd = value("up_bias", b.up_bias), value("down_bias", b.down_bias)
+
+        def weights_of(e, up=up, down=down, bu=bu, bd=bd, up2=up2):
             return {"up": up[e], "down": down[e], "up_bias": None if bu is None else bu[e],
-                    "down_bias": None if bd is None else bd[e]}
+                    "down_bias": None if bd is None else bd[e], "up2": None if up2 is None else up2[e]}
 
         with torch.no_grad():
             order, offsets = permute(ids, b.num_experts)

@@ -99,6 +99,15 @@ class LayerPlan:
     out_features: int                # hidden size of the expert output
     has_up_bias: bool = False
     has_down_bias: bool = False
+    has_up2: bool = False            # separate gate and up weights (``up`` = gate, ``up2`` = up)
+    views: tuple = ()                # ((name, [E, N, K]), ...): 2-D parameters viewed per expert
+
+    def viewed(self, name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``t`` with the expert axis first, as the math expects it."""
+        for n, shape in self.views:
+            if n == name and t is not None:
+                return t.view(shape)
+        return t
 
 
 class ExpertEngine:
@@ -133,9 +142,10 @@ class ExpertEngine:
     def register_layer(self, plan: LayerPlan, tensors: list[torch.Tensor]) -> None:
         """Add a rewritten layer and tie its weight tensors to this engine."""
         self.layers[plan.layer] = plan
-        up, down, b_up, b_down = (list(tensors) + [None] * 4)[:4]
+        up, down, b_up, b_down, up2 = (list(tensors) + [None] * 5)[:5]
         self._layer_tensors[plan.layer] = {
-            k: v for k, v in (("up", up), ("down", down), ("up_bias", b_up), ("down_bias", b_down)) if v is not None
+            k: v for k, v in (("up", up), ("down", down), ("up_bias", b_up), ("down_bias", b_down), ("up2", up2))
+            if v is not None
         }
         for t in tensors:
             if t is not None:
@@ -215,7 +225,7 @@ class ExpertEngine:
             return entry[2]
         return max(self._layer_tensors) + 1
 
-    def _resolve_layer(self, layer: int, w_up, w_down, b_up, b_down) -> int:
+    def _resolve_layer(self, layer: int, w_up, w_down, b_up, b_down, w_up2=None) -> int:
         """The layer whose experts ``w_up`` holds. Dynamo may run one compiled graph for
         several modules with the same code (a graph break inside a decoder layer makes each
         layer a call of the same frame): the layer baked into the graph is then another
@@ -233,15 +243,16 @@ class ExpertEngine:
             raise RuntimeError(f"expertflow: experts of MoE layer {new} arrived twice with different tensors")
         import dataclasses
 
-        self.register_layer(dataclasses.replace(self.layers[layer], layer=new), [w_up, w_down, b_up, b_down])
+        self.register_layer(dataclasses.replace(self.layers[layer], layer=new), [w_up, w_down, b_up, b_down, w_up2])
         log.info("expertflow: a compiled graph is shared by another MoE module; bound it as layer %d", new)
         if self.cache is not None:
             self.build_cache(self.store if not isinstance(self.store, _tensor_store_type()) else None)
         return new
 
-    def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down):
-        layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down)
+    def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2=None):
+        layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down, w_up2)
         plan = self.layers[layer]
+        w_up, w_down, w_up2 = plan.viewed("up", w_up), plan.viewed("down", w_down), plan.viewed("up2", w_up2)
         offs = offsets.tolist()
         if offs[-1] != order.numel():
             raise RuntimeError(f"expertflow: MoE layer {layer} got expert ids outside [0, {plan.num_experts}) "
@@ -260,7 +271,7 @@ class ExpertEngine:
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
-        fused = (None if plan.math.prescale else
+        fused = (None if plan.math.prescale or plan.has_up2 else
                  self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down))
         if fused is not None:
             return fused
@@ -274,7 +285,8 @@ class ExpertEngine:
             for e in active:
                 weights = {"up": w_up[e], "down": w_down[e],
                            "up_bias": b_up[e] if b_up is not None else None,
-                           "down_bias": b_down[e] if b_down is not None else None}
+                           "down_bias": b_down[e] if b_down is not None else None,
+                           "up2": w_up2[e] if w_up2 is not None else None}
                 out_rows[offs[e]:offs[e + 1]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
         else:
             self._cached_experts(plan, active, offs, rows, out_rows)
@@ -394,7 +406,7 @@ class ExpertEngine:
             self.store = store
         elif self.store is None or isinstance(self.store, TensorExpertStore):
             self.store = TensorExpertStore({   # rows past E (identity experts' up rows) never run
-                l: {k: v[:self.layers[l].num_experts] for k, v in t.items()}
+                l: {k: self.layers[l].viewed(k, v)[:self.layers[l].num_experts] for k, v in t.items()}
                 for l, t in sorted(self._layer_tensors.items())})
         budget = parse_budget(self.config.expert_budget)
         slots = budget.resolve_slots(self.store.specs, self.min_resident_experts())
