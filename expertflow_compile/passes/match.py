@@ -580,8 +580,10 @@ def find_moe_blocks(gm: fx.GraphModule) -> MatchResult:
         if g.node in used:
             continue
         later = descendants([g.node])
+        scope = _scope_of(g.node)   # both expert projections live in one module (the experts)
         downs = sorted((by_node[n] for n in later if n in by_node and n not in used
-                        and by_node[n].weight is not g.weight), key=lambda x: _order(x.node))
+                        and by_node[n].weight is not g.weight and _scope_of(n) == scope),
+                       key=lambda x: _order(x.node))
         if not downs:
             continue
         down = downs[0]
