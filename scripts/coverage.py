@@ -33,7 +33,7 @@ from expertflow_compile import stats  # noqa: E402
 from expertflow_compile.backend import collect_reports  # noqa: E402
 from expertflow_compile.passes.report import ExplainReport  # noqa: E402
 from expertflow_compile.testing.families import (  # noqa: E402
-    build_tiny_family, count_moe_layers, discover_moe_families, skipped_moe_families)
+    build_tiny_family, count_moe_layers, discover_moe_families, lm_inputs, skipped_moe_families)
 
 BUDGET = "50%"
 TOL = 1e-5
@@ -61,7 +61,7 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
     ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(seed))
     try:
         with torch.no_grad():
-            ref = model(ids, use_cache=False).logits.float()
+            ref = model(**lm_inputs(model, ids), use_cache=False).logits.float()
     except Exception as e:
         row["error"] = f"eager: {_short(e)}"
         row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -70,7 +70,7 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
     try:
         compiled = torch.compile(model, backend="expertflow", options={"expert_budget": BUDGET})
         with collect_reports(report.graphs.append), torch.no_grad():
-            out = compiled(ids, use_cache=False).logits.float()
+            out = compiled(**lm_inputs(model, ids), use_cache=False).logits.float()
         diff = (out - ref).abs().max().item()
         scale = ref.abs().max().item()
         row.update(max_diff=diff, scale=scale, exact=bool(diff <= TOL * scale))

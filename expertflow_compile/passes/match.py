@@ -543,7 +543,7 @@ def _unmatched_routers(graph: fx.Graph, used_routers: set[fx.Node]) -> list[Unma
     """Routers (top-k over an [E, H] linear) whose experts are not matched in this graph."""
     found, seen = [], set()
     for n in graph.nodes:
-        if not is_op(n, "topk"):
+        if not is_op(n, "topk", "argmax"):   # argmax: top-1 routers (Switch, NLLB-MoE)
             continue
         for a in ancestors([n]):
             if not is_op(a, "linear") or len(a.args) < 2 or not isinstance(a.args[1], fx.Node):
@@ -557,12 +557,12 @@ def _unmatched_routers(graph: fx.Graph, used_routers: set[fx.Node]) -> list[Unma
             if tensor_meta(a) is None or tensor_meta(a).shape[-1] != v.shape[0]:
                 continue
             seen.add(a)
-            if _order(a) < _order(n) and _order(n) - _order(a) < 60:
+            if _order(a) < _order(n) and _order(n) - _order(a) < 200:
                 found.append(Unmatched(
                     layer=_layer_of(str(w.target)), where=_scope_of(a) or a.name,
                     reason="router found, but its expert dispatch is not in this graph (a per-expert loop "
-                           "that Dynamo splits off runs outside any graph; use experts_implementation="
-                           "'grouped_mm' or 'batched_mm')"))
+                           "that Dynamo splits off runs outside any graph, and this family has no traceable "
+                           "form in expertflow_compile/traceable.py)"))
             break
     return found
 

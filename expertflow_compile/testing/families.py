@@ -20,7 +20,7 @@ from functools import lru_cache
 import torch
 
 __all__ = ["discover_moe_families", "skipped_moe_families", "build_tiny_family", "count_moe_layers",
-           "FAMILY_OVERRIDES"]
+           "FAMILY_OVERRIDES", "is_encoder_decoder", "lm_inputs"]
 
 # class names in a modeling module that mean "this model routes tokens to experts"
 _MOE_CLASS = re.compile(r"^class (\w+(?:Experts|SparseMoeBlock|MoE|Router))\b", re.M)
@@ -57,7 +57,8 @@ def _config_has_moe_attrs(model_type: str) -> bool:
 @lru_cache(maxsize=1)
 def _scan() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
     found, skipped = [], []
     for mt in CONFIG_MAPPING_NAMES:
@@ -67,16 +68,31 @@ def _scan() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
             has_moe = _config_has_moe_attrs(mt)
         if not has_moe:
             continue
-        if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
             found.append(mt)
         else:
-            skipped.append((mt, "no causal-LM head (encoder-decoder, multimodal wrapper or vision/audio-only "
-                                "sub-model)"))
+            skipped.append((mt, "no language-model head of its own (multimodal wrapper whose text model is "
+                                "listed, or a vision/audio-only sub-model)"))
     return tuple(found), tuple(skipped)
 
 
+def is_encoder_decoder(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+def lm_inputs(model, input_ids: torch.Tensor) -> dict:
+    """Keyword inputs for one forward of a tiny family model: ``input_ids``, plus
+    ``decoder_input_ids`` (the same ids) for an encoder-decoder."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {"input_ids": input_ids, "decoder_input_ids": input_ids}
+    return {"input_ids": input_ids}
+
+
 def discover_moe_families() -> list[str]:
-    """Model types of the installed transformers that have a causal-LM head and routed experts."""
+    """Model types of the installed transformers that have a language-model head (causal
+    or encoder-decoder) and routed experts."""
     return list(_scan()[0])
 
 
@@ -153,6 +169,15 @@ FAMILY_OVERRIDES: dict[str, tuple[dict, str]] = {
     "longcat_flash": (dict(zero_expert_num=2, expert_ffn_hidden_size=48),
                       "default zero_expert_num=256 identity experts next to 8 real ones: a short prompt's "
                       "top-2 never reaches a real expert; 2 identity experts here"),
+    "switch_transformers": (dict(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+                                 num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8,
+                                 expert_capacity=64, vocab_size=128, relative_attention_num_buckets=8),
+                            "encoder-decoder; T5 names (d_model/d_ff/num_layers); every other layer sparse "
+                            "(2 of 2 per stack counts as one MoE layer each)"),
+    "nllb-moe": (dict(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+                      encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8, expert_capacity=64,
+                      encoder_sparse_step=1, decoder_sparse_step=1, vocab_size=128, max_position_embeddings=64),
+                 "encoder-decoder; fairseq names (d_model/encoder_ffn_dim/encoder_layers)"),
     "lfm2_moe": (dict(layer_types=["conv", "full_attention"]),
                  "layer_types defaults to None and is required to place conv vs attention layers"),
 }
@@ -254,12 +279,13 @@ def build_tiny_family(model_type: str, seed: int = 0, *, dtype: torch.dtype = to
     Raises on failure (``TimeoutError`` past ``time_limit_s``); callers record the reason.
     Router weights get a larger scale than HF's init so that routing is decisive.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     with _time_box(time_limit_s):
         cfg, notes = tiny_family_config(model_type)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg)
+        auto = AutoModelForSeq2SeqLM if is_encoder_decoder(model_type) else AutoModelForCausalLM
+        model = auto.from_config(cfg)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.dim() >= 2:
@@ -275,7 +301,7 @@ def build_tiny_family(model_type: str, seed: int = 0, *, dtype: torch.dtype = to
 
 
 def count_moe_layers(model: torch.nn.Module) -> int:
-    """Decoder layers holding routed experts: a module whose class or name says experts
+    """Layers (decoder, or encoder and decoder) holding routed experts: a module whose class or name says experts
     (``*Experts`` class, ``experts`` attribute) or that owns a 3-D expert weight
     (convolutions and other 3-D weights are not experts)."""
     layers = set()
@@ -291,6 +317,7 @@ def count_moe_layers(model: torch.nn.Module) -> int:
             "expert" in name.lower() or "expert" in cls.lower() or "moe" in cls.lower())
         if not (has3d or is_experts):
             continue
-        m = re.search(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.", name + ".")
-        layers.add(int(m.group(1)) if m else name)
+        # the stack and index of the layer (encoder and decoder layers apart)
+        m = re.search(r"^(.*?(?:^|\.)(?:layers|h|blocks|block|layer)\.\d+)\.", name + ".")
+        layers.add(m.group(1) if m else name)
     return len(layers)
