@@ -64,12 +64,40 @@ def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Nod
 _ENGINES_BY_OPTIONS: dict[int, tuple[dict, "weakref.ref[ExpertEngine]"]] = {}
 
 
+_SLOTS = ("up", "down", "up_bias", "down_bias", "up2")
+
+
+def _param_names(block: MoEBlock) -> list[str]:
+    names = []
+    for name, node in zip(_SLOTS, block.param_slots()):
+        members = block.lists.get(name)
+        if members:
+            names.append(f"{members[0].target} .. {members[-1].target} ({len(members)} tensors)")
+        elif node is not None:
+            names.append(str(node.target))
+    return names
+
+
+def block_tensors(block: MoEBlock, values: dict) -> list:
+    """The block's expert tensors in the engine's slot order (up, down, up bias, down
+    bias, second up); an ExpertList where the experts are one parameter each."""
+    from .runtime.store import ExpertList
+
+    out = []
+    for name, node in zip(_SLOTS, block.param_slots()):
+        if name in block.lists:
+            out.append(ExpertList([values[m] for m in block.lists[name]]))
+        else:
+            out.append(values.get(node) if node is not None else None)
+    return out
+
+
 def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
                 options: dict | None = None) -> ExpertEngine:
     """The model's engine: the one already serving these weights if its options match,
     else the one made for the same ``torch.compile`` call (same options object)."""
     for b in blocks:
-        eng = engine_for_tensor(values.get(b.up_weight))
+        eng = engine_for_tensor(block_tensors(b, values)[0])
         if eng is not None and eng.config.key() == config.key():
             return eng
     if options is not None:
@@ -103,8 +131,10 @@ def compile_graph(
     checks = check_blocks(gm, example_inputs, result.blocks, values) if config.verify else {}
     good = [b for i, b in enumerate(result.blocks) if checks.get(i) is None or checks[i].ok]
     engine = _engine_for(good, values, config, options) if good else None
+    numbers: list[int] = []
     for b in good:   # a layer number baked from names may already belong to other experts
-        b.layer = engine.layer_number_for(b.layer, values.get(b.up_weight))
+        b.layer = engine.layer_number_for(b.layer, block_tensors(b, values)[0], numbers)
+        numbers.append(b.layer)
     width = _prediction_width(good, config)
     lookahead = plan_lookahead(good)
     for i, block in enumerate(result.blocks):
@@ -113,7 +143,7 @@ def compile_graph(
             layer=block.layer, where=block.scope, rewritten=False, routing=block.routing,
             dispatch=block.dispatch, layout=block.layout, activation=block.activation,
             num_experts=block.num_experts, top_k=block.top_k,
-            params=[str(p.target) for p in block.params()],
+            params=_param_names(block),
             check=("not checked (verify=False)" if check is None else
                    check.note or f"matches the original block: max |diff| {check.max_abs_diff:.3g} "
                                  f"<= {check.tolerance:.3g}"),
@@ -131,7 +161,7 @@ def compile_graph(
             has_down_bias=block.down_bias is not None, has_up2=block.up2_weight is not None,
             views=tuple(sorted(block.views.items())),
         )
-        engine.register_layer(plan, [values.get(p) if p is not None else None for p in block.param_slots()])
+        engine.register_layer(plan, block_tensors(block, values))
         source = lookahead.get(block.layer)
         if source is not None:
             engine.register_router(block.layer, source.fn, [values.get(p) for p in source.params])

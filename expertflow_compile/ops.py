@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["predict", "prefetch", "permute", "grouped_gemm"]
+__all__ = ["predict", "prefetch", "permute", "grouped_gemm", "grouped_gemm_modules"]
 
 
 def _engine(engine_id: int):
@@ -109,4 +109,29 @@ def grouped_gemm(
 
 @grouped_gemm.register_fake
 def _(hidden, topk_weights, order, offsets, token, w_up, w_down, b_up, b_down, engine_id, layer, w_up2=None):
+    return torch.empty_like(hidden)
+
+
+@torch.library.custom_op("expertflow::grouped_gemm_modules", mutates_args=())
+def grouped_gemm_modules(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    order: torch.Tensor,
+    offsets: torch.Tensor,
+    token: torch.Tensor,
+    up_list: list[torch.Tensor],
+    down_list: list[torch.Tensor],
+    engine_id: int,
+    layer: int,
+) -> torch.Tensor:
+    """:func:`grouped_gemm` for experts kept as one module per expert (a ModuleDict of
+    Linear layers, Switch Transformers): ``up_list[e]``/``down_list[e]`` are expert e's
+    weights."""
+    return _engine(engine_id).grouped_gemm(
+        layer, hidden, topk_weights, order, offsets, None, None, None, None, None, up_list, down_list
+    )
+
+
+@grouped_gemm_modules.register_fake
+def _(hidden, topk_weights, order, offsets, token, up_list, down_list, engine_id, layer):
     return torch.empty_like(hidden)

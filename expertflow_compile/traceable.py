@@ -58,6 +58,9 @@ Families
   ``x * sigmoid(score)``; the form takes the router's top-k instead and the experts
   scale their input rows (``ExpertMath.prescale``). Not a loop, but the dense dispatch
   has no (ids, weights) for the matcher to find.
+* switch_transformers: top-1 with capacity (dropped tokens get weight 0); experts are
+  a ModuleDict of Linear layers whose weights are stacked in the form: the matcher
+  hands the per-expert tensors to the runtime, so the stack itself never runs.
 * dbrx: ``DbrxFFN`` flattens the tokens and calls ``DbrxExperts`` batched: w1/v1/w2
   are 2-D ``[E*I, H]`` parameters viewed as ``[E, I, H]``; gate = x @ w1[e].T,
   up = x @ v1[e].T, down = inter @ w2[e].
@@ -370,6 +373,40 @@ def _llama4_experts(self, mode, x, ids, weights):
     h = up * self.act_fn(gate)
     out = torch.bmm(h.unsqueeze(1), self.down_proj[flat]).squeeze(1)
     return out.view(x.size(0), ids.size(-1), -1).sum(dim=1)
+
+
+# ---- switch_transformers
+
+_SWITCH = "transformers.models.switch_transformers.modeling_switch_transformers"
+
+
+@register(_SWITCH, "SwitchTransformersSparseMLP")
+def _switch_sparse_mlp(self, hidden_states):
+    """Top-1 with capacity: the router's masked one-hot gives the id (argmax) and
+    whether the token was kept; a dropped token gets routing weight 0 (the loop adds
+    nothing for it)."""
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    selected, probs, _ = self.router(hidden_states)
+    x = hidden_states.view(-1, hidden_dim)
+    onehot = selected.view(-1, self.router.num_experts)
+    ids = onehot.argmax(dim=-1, keepdim=True)
+    weights = probs.view(-1, 1) * onehot.sum(dim=-1, keepdim=True).to(probs.dtype)
+    out = self.experts(x, ids, weights, _expertflow_batched="modules")
+    return out.reshape(batch_size, sequence_length, hidden_dim)
+
+
+@register(_SWITCH, "SwitchTransformersExperts", kind="batched")
+def _switch_experts(self, mode, x, ids, weights):
+    """Experts as a ModuleDict of Linear layers: their 2-D weights stacked per
+    projection (the matcher passes the per-expert tensors on; the stack never runs)."""
+    if mode != "modules":
+        raise ValueError(f"unknown batched mode {mode!r}")
+    experts = [self[f"expert_{i}"] for i in range(self.num_experts)]
+    wi = torch.stack([e.wi.weight for e in experts])      # [E, d_ff, d_model]
+    wo = torch.stack([e.wo.weight for e in experts])      # [E, d_model, d_ff]
+    rows, flat = _rows(x, ids)
+    h = experts[0].act(_linear_rows(rows, wi[flat]))
+    return _combine(_linear_rows(h.to(wo.dtype), wo[flat]), weights, x.size(0), x.dtype)
 
 
 # --------------------------------------------------------------------------- install

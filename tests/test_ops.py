@@ -6,6 +6,7 @@ from expertflow_compile import ops  # noqa: F401
 from expertflow_compile.config import ExpertFlowConfig
 from expertflow_compile.kernels.reference import ExpertMath, grouped_experts_reference
 from expertflow_compile.runtime.engine import ExpertEngine, LayerPlan
+from expertflow_compile.runtime.store import ExpertList
 
 
 def _silu_gate(h):
@@ -93,6 +94,27 @@ def test_opcheck_every_op():
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     eng.close()
+
+
+def test_modules_op_equals_the_stacked_op_and_opchecks():
+    """grouped_gemm_modules (one tensor per expert, ModuleDict experts) gives what
+    grouped_gemm gives on the same weights stacked."""
+    T, E, H, I, K = 5, 4, 8, 4, 2
+    eng, up, down, _, _ = _engine(E, H, I, K)
+    ups, downs = [up[e].clone() for e in range(E)], [down[e].clone() for e in range(E)]
+    eng2, _, _, _, _ = _engine(E, H, I, K)
+    eng2.register_layer(eng2.layers[0], [ExpertList(ups), ExpertList(downs)])
+    ids, w = _routing(T, E, K)
+    x = torch.randn(T, H)
+    order, offsets = torch.ops.expertflow.permute(ids, E)
+    token = torch.ops.expertflow.prefetch(torch.ops.expertflow.predict(x, eng.id, 0, 3), eng.id, 0)
+    ref = torch.ops.expertflow.grouped_gemm(x, w, order, offsets, token, up, down, None, None, eng.id, 0)
+    args = (x, w, order, offsets, token, ups, downs, eng2.id, 0)
+    torch.testing.assert_close(torch.ops.expertflow.grouped_gemm_modules(*args), ref)
+    torch.library.opcheck(torch.ops.expertflow.grouped_gemm_modules.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    eng.close()
+    eng2.close()
 
 
 def test_reference_skips_empty_experts():

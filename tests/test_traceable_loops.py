@@ -154,3 +154,20 @@ def test_install_is_idempotent_and_keeps_signatures():
     assert list(inspect.signature(DbrxExperts.forward).parameters) == [
         "self", "hidden_states", "top_k_index", "top_k_weights"]
     assert DbrxFFN.forward.__name__ == "forward"
+
+
+def test_switch_encoder_decoder_generate_same_tokens():
+    """Switch Transformers (encoder-decoder, ModuleDict experts, top-1 with capacity):
+    generate() through the compiled model gives eager's tokens, experts offloaded.
+    generate() calls the encoder module directly, so it is compiled too, with the same
+    options dict: one engine, one budget for all four MoE layers."""
+    model = build_tiny_family("switch_transformers")[0]
+    x = _prompt(model, n=6, seed=5)
+    ref = model.generate(x, max_new_tokens=5, do_sample=False)
+    options = {"expert_budget": "50%"}
+    model.compile(backend="expertflow", options=options)
+    model.get_encoder().compile(backend="expertflow", options=options)
+    out = model.generate(x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, ref)
+    s = stats(model)
+    assert s["bytes_moved"] > 0 and len(s["layers"]) == count_moe_layers(model) == 4, s

@@ -73,9 +73,15 @@ class MoEBlock:
     router: fx.Node | None = None    # the router linear (its logits feed the routing math)
     up2_weight: fx.Node | None = None   # a separate up projection (gate and up not fused: DBRX)
     views: dict[str, tuple] = field(default_factory=dict)   # name -> [E, N, K] view of a 2-D weight
+    lists: dict[str, list[fx.Node]] = field(default_factory=dict)   # name -> one placeholder per expert
 
     def params(self) -> list[fx.Node]:
-        return [n for n in self.param_slots() if n is not None]
+        """Every placeholder holding expert weights (a stacked weight's per-expert ones)."""
+        out = []
+        for name, n in zip(("up", "down", "up_bias", "down_bias", "up2"), self.param_slots()):
+            if n is not None:
+                out.extend(self.lists.get(name, [n]))
+        return out
 
     def param_slots(self) -> list[fx.Node | None]:
         """(up, down, up bias, down bias, second up), None where absent: the engine's order."""
@@ -129,6 +135,8 @@ def _weight_source(arg) -> tuple[fx.Node, bool, bool, tuple | None] | None:
     view = None
     node = arg
     while isinstance(node, fx.Node) and node.op != "placeholder":
+        if is_op(node, "stack") and _stacked_params(node) is not None:
+            break     # one 2-D parameter per expert, stacked (ModuleDict experts): the stack stands for them
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
         if is_op(node, *_EXPERT_VIEW_OPS) and view is None:
@@ -150,6 +158,19 @@ def _weight_source(arg) -> tuple[fx.Node, bool, bool, tuple | None] | None:
     if v is None or not v.is_floating_point() or v.dim() != (2 if view is not None else 3):
         return None
     return node, transposed, indexed, view
+
+
+def _stacked_params(node: fx.Node) -> list[fx.Node] | None:
+    """The per-expert 2-D parameter placeholders of ``torch.stack([...], dim=0)``, or None."""
+    members = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim != 0 or not isinstance(members, (list, tuple)) or len(members) < 2:
+        return None
+    for m in members:
+        v = tensor_meta(m) if isinstance(m, fx.Node) else None
+        if v is None or m.op != "placeholder" or v.dim() != 2 or not v.is_floating_point():
+            return None
+    return list(members)
 
 
 @dataclass
@@ -273,8 +294,12 @@ def _routing_description(ids: fx.Node, weights: fx.Node, router: fx.Node | None)
         parts.append("correction bias")
     if topks > 1 or "scatter_" in ops or "masked_fill" in ops:
         parts.append("group-limited top-k")
+    elif not topks and "argmax" in ops:
+        parts.append("argmax (top-1)")
     else:
         parts.append("top-k")
+    if "cumsum" in ops:
+        parts.append("capacity mask")
     if _softmax_after_topk(region):
         parts.append("softmax over top-k")
     if "gather" in ops:
@@ -402,6 +427,11 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
     b_up, up_bias_nodes = _bias_of(up_out, region)
     b_down, down_bias_nodes = _bias_of(down_out, region)
     params = {up.weight, down.weight, b_up, b_down} | ({up2.weight} if up2 is not None else set())
+    lists = {name: _stacked_params(g.weight) for name, g in (("up", up), ("down", down))
+             if is_op(g.weight, "stack")}
+    if lists and (up2 is not None or len(lists) != 2):
+        raise _NoMatch("only some expert weights are per-expert tensors")
+    params |= {m for members in lists.values() for m in members}
     tensors = [n for n in ext if tensor_meta(n) is not None and n not in params]
     others = [n for n in ext if tensor_meta(n) is None and not isinstance(node_value(n), (int, torch.SymInt))]
     if others:
@@ -498,7 +528,8 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
               f"{f' (first {num_experts} used)' if up_shape[0] > num_experts else ''}, down {list(down_shape)}"
               f"{' transposed' if down_t else ''}" + (", biases" if b_up is not None or b_down is not None else "")
               + (", gate and up separate" if up2 is not None else "")
-              + (", viewed from 2-D [E*N, K] parameters" if any(g.view for g in (up, down)) else ""))
+              + (", viewed from 2-D [E*N, K] parameters" if any(g.view for g in (up, down)) else "")
+              + (", one module per expert" if lists else ""))
     return MoEBlock(
         layer=layer if layer is not None else -1, scope=scope, hidden=hidden, topk_ids=ids,
         topk_weights=weights, output=output, region=region, up_weight=up.weight,
@@ -515,6 +546,7 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
         up2_weight=up2.weight if up2 is not None else None,
         views={name: g.view for name, g in (("up", up), ("down", down), ("up2", up2))
                if g is not None and g.view is not None},
+        lists=lists,
     )
 
 

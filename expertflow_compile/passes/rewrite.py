@@ -68,11 +68,16 @@ def rewrite_moe_block(gm: fx.GraphModule, block: MoEBlock, engine_id: int, width
         perm = graph.call_function(torch.ops.expertflow.permute.default, (block.topk_ids, block.num_experts))
         order = graph.call_function(operator.getitem, (perm, 0))
         offsets = graph.call_function(operator.getitem, (perm, 1))
-        args = (block.hidden, block.topk_weights, order, offsets, token, block.up_weight,
-                block.down_weight, block.up_bias, block.down_bias, engine_id, block.layer)
-        if block.up2_weight is not None:
-            args += (block.up2_weight,)
-        out = graph.call_function(torch.ops.expertflow.grouped_gemm.default, args)
+        if block.lists:   # one parameter per expert: they go in as lists (the stack is dropped)
+            out = graph.call_function(torch.ops.expertflow.grouped_gemm_modules.default, (
+                block.hidden, block.topk_weights, order, offsets, token, list(block.lists["up"]),
+                list(block.lists["down"]), engine_id, block.layer))
+        else:
+            args = (block.hidden, block.topk_weights, order, offsets, token, block.up_weight,
+                    block.down_weight, block.up_bias, block.down_bias, engine_id, block.layer)
+            if block.up2_weight is not None:
+                args += (block.up2_weight,)
+            out = graph.call_function(torch.ops.expertflow.grouped_gemm.default, args)
     for n in (predicted, token, perm, out):
         _set_meta(n, fake_mode)
         if meta_stack is not None:

@@ -104,6 +104,10 @@ def check_blocks(
             continue
         hidden, ids, wts, ref = v[b.hidden], v[b.topk_ids], v[b.topk_weights], v[b.output]
         def value(name, node):
+            if name in b.lists:
+                from ..runtime.store import ExpertList
+
+                return ExpertList([placeholder_values[m] for m in b.lists[name]])
             t = placeholder_values.get(node) if node is not None else None
             return t.view(b.views[name]) if t is not None and name in b.views else t
 

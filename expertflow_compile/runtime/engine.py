@@ -70,8 +70,16 @@ def get_engine(engine_id: int) -> "ExpertEngine":
                            "or reset); recompile the model") from None
 
 
+def _ident(t):
+    """The tensor that identifies a layer's expert weights (the first of an ExpertList)."""
+    from .store import ExpertList
+
+    return t.tensors[0] if isinstance(t, ExpertList) else t
+
+
 def engine_for_tensor(t: torch.Tensor | None) -> "ExpertEngine | None":
     """The engine serving the expert weight tensor ``t`` (None if there is none)."""
+    t = _ident(t)
     eng = getattr(t, _ATTR, None) if t is not None else None
     return eng if eng is not None and not eng._closed else None
 
@@ -148,8 +156,9 @@ class ExpertEngine:
             if v is not None
         }
         for t in tensors:
-            if t is not None:
-                setattr(t, _ATTR, self)   # the model owns its engine (and so its cache thread)
+            for x in (getattr(t, "tensors", None) or [t]):   # an ExpertList: each expert's tensor
+                if x is not None:
+                    setattr(x, _ATTR, self)   # the model owns its engine (and so its cache thread)
 
     # ----- ops ----------------------------------------------------------------------
     def register_router(self, layer: int, fn, params: list[torch.Tensor]) -> None:
@@ -211,19 +220,21 @@ class ExpertEngine:
                 n = self.layers[target_layer].num_experts   # a router may score more (identity experts)
                 self.cache.prefetch(target_layer, [x for x in experts if x < n])
 
-    def layer_number_for(self, layer: int, w_up) -> int:
+    def layer_number_for(self, layer: int, w_up, reserved=()) -> int:
         """The layer number under which the experts ``w_up`` are (or will be) known: the
         one they already have, ``layer`` if it is free, else the layer index attached to
-        the tensor by the loader, else the next free number."""
+        the tensor by the loader, else the next free number. ``reserved``: numbers given
+        to other blocks of the same graph, not registered yet."""
         for other, tensors in self._layer_tensors.items():
-            if tensors.get("up") is w_up:
+            if _ident(tensors.get("up")) is _ident(w_up):
                 return other
-        if layer not in self._layer_tensors:
+        taken = set(self._layer_tensors) | set(reserved)
+        if layer not in taken:
             return layer
-        entry = _attached(w_up)
-        if entry is not None and entry[2] is not None and entry[2] not in self._layer_tensors:
+        entry = _attached(_ident(w_up))
+        if entry is not None and entry[2] is not None and entry[2] not in taken:
             return entry[2]
-        return max(self._layer_tensors) + 1
+        return max(taken) + 1
 
     def _resolve_layer(self, layer: int, w_up, w_down, b_up, b_down, w_up2=None) -> int:
         """The layer whose experts ``w_up`` holds. Dynamo may run one compiled graph for
@@ -232,12 +243,12 @@ class ExpertEngine:
         module's, so the experts passed in decide. A module seen for the first time is
         bound as a layer of its own (and added to the cache)."""
         known = self._layer_tensors.get(layer)
-        if known is not None and known.get("up") is w_up:
+        if known is not None and _ident(known.get("up")) is _ident(w_up):
             return layer
         for other, tensors in self._layer_tensors.items():
-            if tensors.get("up") is w_up:
+            if _ident(tensors.get("up")) is _ident(w_up):
                 return other
-        entry = _attached(w_up)
+        entry = _attached(_ident(w_up))
         new = entry[2] if entry is not None and entry[2] is not None else max(self._layer_tensors) + 1
         if new in self._layer_tensors:
             raise RuntimeError(f"expertflow: experts of MoE layer {new} arrived twice with different tensors")
@@ -249,7 +260,14 @@ class ExpertEngine:
             self.build_cache(self.store if not isinstance(self.store, _tensor_store_type()) else None)
         return new
 
-    def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2=None):
+    def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2=None,
+                     up_list=None, down_list=None):
+        from .store import ExpertList
+
+        if up_list is not None:     # ModuleDict experts: one tensor per expert
+            w_up = ExpertList(up_list)
+        if down_list is not None:
+            w_down = ExpertList(down_list)
         layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down, w_up2)
         plan = self.layers[layer]
         w_up, w_down, w_up2 = plan.viewed("up", w_up), plan.viewed("down", w_down), plan.viewed("up2", w_up2)
@@ -271,7 +289,7 @@ class ExpertEngine:
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
-        fused = (None if plan.math.prescale or plan.has_up2 else
+        fused = (None if plan.math.prescale or plan.has_up2 or up_list is not None or down_list is not None else
                  self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down))
         if fused is not None:
             return fused

@@ -187,6 +187,52 @@ class ExpertStore:
         self.close()
 
 
+class ExpertList:
+    """The experts of one projection kept as E separate tensors (a ModuleDict of Linear
+    layers: Switch Transformers), addressed like one ``[E, ...]`` tensor: ``x[e]`` is
+    expert e's tensor, ``shape`` is ``(E, *expert_shape)``."""
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+        if not self.tensors:
+            raise ValueError("ExpertList needs at least one expert tensor")
+        first = self.tensors[0]
+        for i, t in enumerate(self.tensors):
+            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                raise ValueError(f"expert {i}: {tuple(t.shape)} {t.dtype} on {t.device}, expert 0: "
+                                 f"{tuple(first.shape)} {first.dtype} on {first.device}")
+
+    def __getitem__(self, e):
+        if isinstance(e, slice):
+            return ExpertList(self.tensors[e])
+        return self.tensors[int(e)]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.tensors), *self.tensors[0].shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.tensors[0].is_cuda
+
+    def dim(self) -> int:
+        return self.tensors[0].dim() + 1
+
+    def detach(self) -> "ExpertList":
+        return ExpertList(t.detach() for t in self.tensors)
+
+
 class TensorExpertStore(ExpertStore):
     """Experts from tensors already in memory.
 
@@ -204,6 +250,18 @@ class TensorExpertStore(ExpertStore):
                 raise ValueError(f"layer {layer}: no expert tensors given")
             num, dtype, shapes, kept = None, None, {}, {}
             for name, t in tensors.items():
+                if isinstance(t, ExpertList):   # per-expert tensors: kept (or copied to host) one by one
+                    if num is None:
+                        num, dtype = len(t), t.dtype
+                    if len(t) != num or t.dtype != dtype:
+                        raise ValueError(f"layer {layer}: tensor {name!r} has {len(t)} experts of {t.dtype}, "
+                                         f"expected {num} of {dtype} like the layer's other tensors")
+                    kept[name] = ExpertList(
+                        x.detach() if x.device.type == "cpu" else
+                        torch.empty(x.shape, dtype=x.dtype, pin_memory=torch.cuda.is_available()).copy_(x)
+                        for x in t.tensors)
+                    shapes[name] = tuple(t.shape[1:])
+                    continue
                 if not isinstance(t, torch.Tensor):
                     raise ValueError(f"layer {layer} tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
                 if t.device.type == "meta":
