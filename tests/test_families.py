@@ -37,9 +37,11 @@ def test_required_families_exist():
     assert set(REQUIRED) <= set(FAMILIES)
 
 
-@pytest.mark.parametrize("impl", [None, "batched_mm"], ids=["default", "batched_mm"])
+@pytest.mark.parametrize("impl", [None, "batched_mm", "eager"], ids=["default", "batched_mm", "eager_loop"])
 @pytest.mark.parametrize("family", REQUIRED)
 def test_family_fp32_exact_and_fully_rewritten(family, impl):
+    """"eager" is HF's per-expert loop: under expertflow it is traced in HF's grouped
+    form (traceable.py), so it must be rewritten like the others and equal the loop."""
     model = build_tiny_model(family, experts_implementation=impl)
     n_layers = model.config.num_hidden_layers
     backend = CapturingBackend()
