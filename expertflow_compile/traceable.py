@@ -4,10 +4,10 @@ Some transformers families dispatch their experts with a Python loop over the ex
 that were hit (``nonzero()``, ``.tolist()``, ``.item()``): JetMoE, LongCat-Flash and
 DBRX (and Llama-4, whose dense all-experts dispatch has no ids to find). Dynamo graph-breaks at those calls and the loop runs outside any graph, so the
 backend never sees the dispatch. This module gives Dynamo an equivalent loop-free form
-of those blocks, written like Hugging Face's ``batched_mm`` experts implementation
-(rows gathered per (token, k), ``torch.bmm`` against ``W[ids]``, the family's
-activation, routing weights applied after the down projection, sum over k), which the
-matcher recognises. The form is used only while Dynamo traces for the expertflow
+of those blocks, written like Hugging Face's ``grouped_mm`` experts implementation
+((token, k) pairs sorted by expert, one grouped GEMM per projection over the whole
+``[E, ...]`` weight, the family's activation, routing weights after the down
+projection, sum over k), which the matcher recognises. The form is used only while Dynamo traces for the expertflow
 backend; eager execution and every other backend keep running the original code.
 
 Mechanism
@@ -128,22 +128,53 @@ def _expertflow_tracing() -> bool:
     return output is not None and is_expertflow_backend(getattr(output, "compiler_fn", None))
 
 
-# --------------------------------------------------------------------------- batched math
+# --------------------------------------------------------------------------- grouped math
+#
+# Written like HF's ``grouped_mm`` experts implementation: the (token, k) pairs sorted by
+# expert, one grouped GEMM per projection over the whole [E, ...] weight with per-expert
+# offsets (``transformers.integrations.moe._grouped_linear``: ``grouped_mm`` where torch
+# has it, HF's ``grouped_mm_fallback`` op elsewhere). Memory is O(pairs x hidden), never
+# a copy of an expert's weights per pair (the form still runs once, in the rewrite's
+# check, and wherever the matcher leaves a block alone).
 
-def _rows(x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x repeated per (token, k) [S, H], flat ids [S]) with S = tokens * k."""
-    return x.repeat_interleave(ids.size(-1), dim=0), ids.reshape(-1)
+class _Groups(NamedTuple):
+    rows: torch.Tensor      # [S, H] the pairs' input rows, sorted by expert
+    perm: torch.Tensor      # [S] pair index (t * k + j) of each sorted row
+    offsets: torch.Tensor   # [E] int32 cumulative rows per expert
+    top_k: int
 
 
-def _linear_rows(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """rows[s] @ w[s].T for gathered [S, out, in] weights (HF ``_batched_linear``)."""
-    return torch.bmm(w, rows.unsqueeze(-1)).squeeze(-1)
+def _group(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> _Groups:
+    """Sort the (token, k) pairs of ``ids`` [T, k] by expert (ids must be < E)."""
+    flat = ids.reshape(-1)
+    sorted_ids, perm = torch.sort(flat)
+    counts = torch.histc(sorted_ids.float() if x.device.type in ("cpu", "mps") else sorted_ids.int(),
+                         bins=num_experts, min=0, max=num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    return _Groups(x[perm // ids.size(-1)], perm, offsets, ids.size(-1))
 
 
-def _combine(out: torch.Tensor, weights: torch.Tensor, num_tokens, dtype: torch.dtype) -> torch.Tensor:
-    """Routing weights after the down projection, then the sum over k: [T, H]."""
-    out = out * weights.reshape(-1).unsqueeze(-1)
-    return out.view(num_tokens, weights.size(-1), out.size(-1)).sum(dim=1).to(dtype)
+def _glinear(g: _Groups, rows: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """rows[s] @ W[e(s)].T (``transposed``: rows[s] @ W[e(s)]) for rows sorted as ``g``."""
+    from transformers.integrations.moe import _grouped_linear
+
+    return _grouped_linear(rows, weight, g.offsets, is_transposed=transposed)
+
+
+def _unsort(g: _Groups, out: torch.Tensor) -> torch.Tensor:
+    """Sorted rows back to (token, k) order [T*k, N]."""
+    inv = torch.empty_like(g.perm)
+    inv[g.perm] = torch.arange(g.perm.size(0), device=g.perm.device)
+    return out[inv]
+
+
+def _combine(g: _Groups, out: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Routing weights after the down projection (None: already applied), back to
+    token order, sum over k: [T, H]."""
+    if weights is not None:
+        out = out * weights.reshape(-1)[g.perm].unsqueeze(-1)
+    out = _unsort(g, out)
+    return out.view(-1, g.top_k, out.size(-1)).sum(dim=1).to(dtype)
 
 
 def _glu(act, h: torch.Tensor) -> torch.Tensor:
@@ -230,12 +261,13 @@ def _jetmoe_moe(self, layer_input):
 def _jetmoe_parallel_experts(self, mode, *args):
     if mode == "glu_ffn":   # the whole expert FFN: self holds the up weight, down passed in
         x, ids, gates, down_weight, act = args
-        rows, flat = _rows(x, ids)
-        h = _glu(act, _linear_rows(rows, self.weight[flat]))
-        return _combine(_linear_rows(h, down_weight[flat]), gates, x.size(0), x.dtype)
-    if mode == "rows":      # one projection of already gathered rows: rows[s] @ W[ids[s]].T
-        rows, flat = args
-        return _linear_rows(rows, self.weight[flat])
+        g = _group(x, ids, self.num_experts)
+        h = _glu(act, _glinear(g, g.rows, self.weight))
+        return _combine(g, _glinear(g, h, down_weight), gates, x.dtype)
+    if mode == "rows":      # one projection of rows in (token, k) order: rows[s] @ W[ids[s]].T
+        rows, ids = args
+        g = _group(rows, ids.reshape(-1, 1), self.num_experts)
+        return _unsort(g, _glinear(g, g.rows, self.weight))
     raise ValueError(f"unknown batched mode {mode!r}")
 
 
@@ -244,8 +276,8 @@ def _jetmoe_moa_map(self, layer_input):
     bsz, length, emb_size = layer_input.size()
     x = layer_input.reshape(-1, emb_size)
     ids, gates, logits = _jetmoe_route(self.router, x)
-    rows, flat = _rows(x, ids)
-    q = self.input_linear(rows, flat, _expertflow_batched="rows")   # row t*k + j: expert ids[t, j]
+    rows = x.repeat_interleave(ids.size(-1), dim=0)
+    q = self.input_linear(rows, ids.reshape(-1), _expertflow_batched="rows")   # row t*k + j: expert ids[t, j]
     return q.view(bsz, length, self.top_k, -1), logits, _MoATopo(ids, gates)
 
 
@@ -254,7 +286,7 @@ def _jetmoe_moa_reduce(self, layer_input, topo_info):
     bsz, length, k, hidden_size = layer_input.size()
     rows = layer_input.reshape(-1, hidden_size)
     out = self.output_linear(rows, topo_info.ids.reshape(-1), _expertflow_batched="rows")
-    out = _combine(out, topo_info.gates, bsz * length, out.dtype)
+    out = (out * topo_info.gates.reshape(-1, 1)).view(bsz * length, k, -1).sum(dim=1).to(out.dtype)
     return out.view(bsz, length, self.input_size) + self.bias
 
 
@@ -290,9 +322,10 @@ def _longcat_moe(self, hidden_states):
 def _longcat_experts(self, mode, x, ids, weights):
     if mode != "glu_ffn":
         raise ValueError(f"unknown batched mode {mode!r}")
-    rows, flat = _rows(x, ids)
-    h = _glu(self.act_fn, _linear_rows(rows, self.gate_up_proj[flat]))
-    return _combine(_linear_rows(h, self.down_proj[flat]), weights, x.size(0), x.dtype)
+    n = self.num_routed_experts
+    g = _group(x, ids, n)
+    h = _glu(self.act_fn, _glinear(g, g.rows, self.gate_up_proj[:n]))   # rows past n: identity experts
+    return _combine(g, _glinear(g, h, self.down_proj), weights, x.dtype)
 
 
 # ---- dbrx
@@ -315,13 +348,13 @@ def _dbrx_experts(self, mode, x, ids, weights):
     if mode != "glu_ffn":
         raise ValueError(f"unknown batched mode {mode!r}")
     shape = (self.num_experts, self.ffn_hidden_size, self.hidden_size)
-    rows, flat = _rows(x, ids)
+    g = _group(x, ids, self.num_experts)
     mlp = self.mlp
-    gate = _linear_rows(rows, mlp.w1.view(shape)[flat])                 # x @ w1[e].T
-    up = _linear_rows(rows, mlp.v1.view(shape)[flat])                   # x @ v1[e].T
+    gate = _glinear(g, g.rows, mlp.w1.view(shape))                      # x @ w1[e].T
+    up = _glinear(g, g.rows, mlp.v1.view(shape))                        # x @ v1[e].T
     h = mlp.activation_fn(gate) * up
-    down = torch.bmm(h.unsqueeze(1), mlp.w2.view(shape)[flat]).squeeze(1)   # h @ w2[e]
-    return _combine(down, weights, x.size(0), x.dtype)
+    down = _glinear(g, h, mlp.w2.view(shape), transposed=True)          # h @ w2[e]
+    return _combine(g, down, weights, x.dtype)
 
 
 # ---- any family with HF's experts interface, set to its per-expert loop
@@ -353,8 +386,8 @@ def _llama4_moe(self, hidden_states):
     the top-k only: ids and weights are the router's top-k and the sigmoid of their
     logits, and the experts scale their input rows (the matcher's "pre-scaled" form)."""
     x = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = torch.nn.functional.linear(x, self.router.weight, self.router.bias)
-    top_value, ids = torch.topk(router_logits, self.top_k, dim=1)
+    _, router_logits = self.router(x)     # the router module runs (its hooks fire); its dense
+    top_value, ids = torch.topk(router_logits, self.top_k, dim=1)   # scores are not needed
     weights = torch.sigmoid(top_value.float()).to(router_logits.dtype)
     routed = self.experts(x, ids, weights, _expertflow_batched="prescaled_glu_ffn")
     out = self.shared_expert(x)
@@ -366,13 +399,12 @@ def _llama4_moe(self, hidden_states):
 def _llama4_experts(self, mode, x, ids, weights):
     if mode != "prescaled_glu_ffn":
         raise ValueError(f"unknown batched mode {mode!r}")
-    rows, flat = _rows(x, ids)
-    rows = rows * weights.reshape(-1, 1)                       # the router-scaled input
-    gate_up = torch.bmm(rows.unsqueeze(1), self.gate_up_proj[flat]).squeeze(1)   # [E, H, 2I]: x @ W
+    g = _group(x, ids, self.num_experts)
+    rows = g.rows * weights.reshape(-1)[g.perm].unsqueeze(-1)             # the router-scaled input
+    gate_up = _glinear(g, rows, self.gate_up_proj, transposed=True)      # [E, H, 2I]: x @ W
     gate, up = gate_up.chunk(2, dim=-1)
     h = up * self.act_fn(gate)
-    out = torch.bmm(h.unsqueeze(1), self.down_proj[flat]).squeeze(1)
-    return out.view(x.size(0), ids.size(-1), -1).sum(dim=1)
+    return _combine(g, _glinear(g, h, self.down_proj, transposed=True), None, x.dtype)
 
 
 # ---- switch_transformers
@@ -404,9 +436,9 @@ def _switch_experts(self, mode, x, ids, weights):
     experts = [self[f"expert_{i}"] for i in range(self.num_experts)]
     wi = torch.stack([e.wi.weight for e in experts])      # [E, d_ff, d_model]
     wo = torch.stack([e.wo.weight for e in experts])      # [E, d_model, d_ff]
-    rows, flat = _rows(x, ids)
-    h = experts[0].act(_linear_rows(rows, wi[flat]))
-    return _combine(_linear_rows(h.to(wo.dtype), wo[flat]), weights, x.size(0), x.dtype)
+    g = _group(x, ids, self.num_experts)
+    h = experts[0].act(_glinear(g, g.rows, wi))
+    return _combine(g, _glinear(g, h.to(wo.dtype), wo), weights, x.dtype)
 
 
 # --------------------------------------------------------------------------- install

@@ -383,11 +383,14 @@ def _shape(g: _Gemm) -> tuple:
 
 def _second_up(up: _Gemm, down: _Gemm, region: set[fx.Node], gemms: list[_Gemm]) -> _Gemm | None:
     """A second expert GEMM on the same rows as ``up`` (separate gate and up weights)."""
-    rows = _gemm_input(up)
+    def source(g):   # grouped_mm casts its input per call: the same rows, two .to() nodes
+        return _strip(_gemm_input(g), ("to", "contiguous", "type"))
+
+    rows = source(up)
     for g in gemms:
         if g is up or g is down or g.node not in region or g.weight is up.weight:
             continue
-        if _gemm_input(g) is rows and g.node.target is up.node.target and g.weight_is_left == up.weight_is_left:
+        if source(g) is rows and g.node.target is up.node.target and g.weight_is_left == up.weight_is_left:
             return g
     return None
 
@@ -566,7 +569,8 @@ def _prescale_mul(up: _Gemm, hidden: fx.Node, weights: fx.Node, region: set[fx.N
 
 def _combine_nodes(down_out: fx.Node, output: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
     """Reshapes and sums between the down projection and the block output."""
-    ok = ("view", "reshape", "sum", "to", "squeeze", "unsqueeze", "contiguous", "type")
+    ok = ("view", "reshape", "sum", "to", "squeeze", "unsqueeze", "contiguous", "type",
+          "getitem", "index_select")   # and the un-permutation back to (token, k) order
     seg = _segment(down_out, output, region, set())
     return {n for n in seg if is_op(n, *ok)}
 
