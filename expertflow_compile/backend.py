@@ -61,7 +61,7 @@ def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Nod
 # engines by the options object of one torch.compile call: Dynamo hands every graph of
 # that call the same dict, so graphs that share no weights (one frame per decoder layer
 # after a graph break in attention) still land in one engine and one budget
-_ENGINES_BY_OPTIONS: dict[int, tuple[dict, "weakref.ref[ExpertEngine]"]] = {}
+_ENGINES_BY_OPTIONS: dict[tuple, tuple[dict, "weakref.ref[ExpertEngine]"]] = {}
 
 
 _SLOTS = ("up", "down", "up_bias", "down_bias", "up2")
@@ -96,12 +96,23 @@ def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
                 options: dict | None = None) -> ExpertEngine:
     """The model's engine: the one already serving these weights if its options match,
     else the one made for the same ``torch.compile`` call (same options object)."""
-    for b in blocks:
-        eng = engine_for_tensor(block_tensors(b, values)[0])
+    from .runtime.engine import attached_store, engine_for_store
+
+    firsts = [block_tensors(b, values)[0] for b in blocks]
+    for t in firsts:
+        eng = engine_for_tensor(t)
         if eng is not None and eng.config.key() == config.key():
             return eng
+    # a loader's disk tier: the engine already reading this checkpoint (also without options)
+    store = next((s for s in (attached_store(getattr(t, "tensors", [t])[0]) for t in firsts) if s is not None),
+                 None)
+    if store is not None:
+        eng = engine_for_store(store)
+        if eng is not None and eng.config.key() == config.key():
+            return eng
+    key = (id(options), id(store) if store is not None else None)   # one options dict, one model
     if options is not None:
-        entry = _ENGINES_BY_OPTIONS.get(id(options))
+        entry = _ENGINES_BY_OPTIONS.get(key)
         eng = entry[1]() if entry is not None and entry[0] is options else None
         if eng is not None and not eng._closed and eng.config.key() == config.key():
             return eng
@@ -109,7 +120,7 @@ def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
     if options is not None:
         for k in [k for k, (_, ref) in _ENGINES_BY_OPTIONS.items() if ref() is None]:
             del _ENGINES_BY_OPTIONS[k]
-        _ENGINES_BY_OPTIONS[id(options)] = (options, weakref.ref(eng))
+        _ENGINES_BY_OPTIONS[key] = (options, weakref.ref(eng))
     return eng
 
 

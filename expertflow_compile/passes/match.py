@@ -141,7 +141,8 @@ def _weight_source(arg) -> tuple[fx.Node, bool, bool, tuple | None] | None:
             return None
         if is_op(node, *_EXPERT_VIEW_OPS) and view is None:
             inner, out = tensor_meta(node.args[0]), tensor_meta(node)
-            if (node.args[0].op != "placeholder" or inner is None or out is None or inner.dim() != 2
+            if (node.args[0].op != "placeholder" or not _is_param(node.args[0]) or inner is None
+                    or out is None or inner.dim() != 2
                     or out.dim() != 3 or inner.numel() != out.numel() or out.shape[-1] != inner.shape[-1]):
                 return None
             view = tuple(int(d) for d in out.shape)
@@ -168,9 +169,15 @@ def _stacked_params(node: fx.Node) -> list[fx.Node] | None:
         return None
     for m in members:
         v = tensor_meta(m) if isinstance(m, fx.Node) else None
-        if v is None or m.op != "placeholder" or v.dim() != 2 or not v.is_floating_point():
+        if v is None or m.op != "placeholder" or not _is_param(m) or v.dim() != 2 or not v.is_floating_point():
             return None
     return list(members)
+
+
+def _is_param(node: fx.Node) -> bool:
+    """A module parameter placeholder (Dynamo names them ``..._parameters_<name>_``), not an
+    activation that merely has a 2-D shape."""
+    return "_parameters_" in str(node.target) or isinstance(node.meta.get("example_value"), torch.nn.Parameter)
 
 
 @dataclass
@@ -330,13 +337,17 @@ def _find_router(ids: fx.Node, num_experts: int) -> tuple[fx.Node | None, fx.Nod
     topk = None
     if is_op(src, "getitem") and src.args[1] == 1 and isinstance(src.args[0], fx.Node) and is_op(src.args[0], "topk"):
         topk = src.args[0]
+    candidates = []
     for a in sorted(ancestors([ids]), key=lambda n: -_order(n)):
         if is_op(a, "linear", "matmul", "mm") and len(a.args) >= 2 and isinstance(a.args[1], fx.Node):
             w = _strip(a.args[1], ("to", "type", "float", "t", "transpose"))
             v = tensor_meta(w)
-            # rows beyond E: scores of shared experts computed by the same router (Inkling)
             if w.op == "placeholder" and v is not None and v.dim() == 2 and v.shape[0] >= num_experts:
-                return topk, a, w
+                candidates.append((a, w, v.shape[0]))
+    # exactly E rows first; more rows: scores of shared experts from the same router (Inkling)
+    for a, w, rows in sorted(candidates, key=lambda c: c[2] != num_experts):
+        if rows == num_experts or any(is_op(u, "topk", "argmax") for u in descendants([a])):
+            return topk, a, w
     raise _NoMatch(f"the expert ids ({ids.name}) are not computed from a router linear over an [E, H] weight")
 
 
@@ -556,14 +567,20 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
 def _prescale_mul(up: _Gemm, hidden: fx.Node, weights: fx.Node, region: set[fx.Node]):
     """Llama-4 style ``expert(w * x)``: the multiply of the experts' input rows by the
     routing weights, on the way into the up projection (None if there is none)."""
-    into_up = ancestors([_gemm_input(up)]) | {_gemm_input(up)}
-    from_w = descendants([weights], limit=region) | {weights}
-    from_h = descendants([hidden], limit=region) | {hidden}
-    for n in sorted(region & into_up, key=_order):
-        if is_op(n, "mul") and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
-            a, b = n.args
-            if (a in from_w and b in from_h and b not in from_w) or (b in from_w and a in from_h and a not in from_w):
-                return n, None
+    # only reshapes/gathers between: weights -> multiply, hidden -> multiply, multiply -> up GEMM
+    moves = ("view", "reshape", "unsqueeze", "to", "getitem", "contiguous", "expand", "repeat_interleave",
+             "index_select", "type")
+    n = _strip(_gemm_input(up), moves)
+    if n not in region or not is_op(n, "mul") or len(n.args) != 2 or not all(isinstance(a, fx.Node) for a in n.args):
+        return None
+    def back(x):   # follow the moves back, stopping at the region's inputs
+        while isinstance(x, fx.Node) and x not in (weights, hidden) and is_op(x, *moves) and x.args \
+                and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+        return x
+
+    if {back(x) for x in n.args} == {weights, hidden}:
+        return n, None
     return None
 
 

@@ -62,6 +62,13 @@ def _tensor_store_type():
     return TensorExpertStore
 
 
+def engine_for_store(store) -> "ExpertEngine | None":
+    """The open engine reading its experts from ``store`` (a loader's disk tier)."""
+    with _LOCK:
+        engines = list(_ENGINES.values())
+    return next((e for e in engines if not e._closed and e.store is store), None)
+
+
 def get_engine(engine_id: int) -> "ExpertEngine":
     try:
         return _ENGINES[engine_id]
@@ -229,11 +236,14 @@ class ExpertEngine:
             if _ident(tensors.get("up")) is _ident(w_up):
                 return other
         taken = set(self._layer_tensors) | set(reserved)
+        entry = _attached(_ident(w_up))   # the loader's layer index: the store is keyed by it
+        if entry is not None and entry[2] is not None:
+            if entry[2] in taken:
+                raise RuntimeError(f"expertflow: MoE layer {entry[2]} of the checkpoint arrived twice with "
+                                   "different tensors")
+            return entry[2]
         if layer not in taken:
             return layer
-        entry = _attached(_ident(w_up))
-        if entry is not None and entry[2] is not None and entry[2] not in taken:
-            return entry[2]
         return max(taken) + 1
 
     def _resolve_layer(self, layer: int, w_up, w_down, b_up, b_down, w_up2=None) -> int:
@@ -449,5 +459,6 @@ class ExpertEngine:
             _ENGINES.pop(self.id, None)
         for tensors in self._layer_tensors.values():
             for t in tensors.values():
-                if getattr(t, _ATTR, None) is self:
-                    delattr(t, _ATTR)
+                for x in (getattr(t, "tensors", None) or [t]):   # an ExpertList: each expert's tensor
+                    if getattr(x, _ATTR, None) is self:
+                        delattr(x, _ATTR)
