@@ -64,12 +64,9 @@ def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Nod
 _ENGINES_BY_OPTIONS: dict[tuple, tuple[dict, "weakref.ref[ExpertEngine]"]] = {}
 
 
-_SLOTS = ("up", "down", "up_bias", "down_bias", "up2")
-
-
 def _param_names(block: MoEBlock) -> list[str]:
     names = []
-    for name, node in zip(_SLOTS, block.param_slots()):
+    for name, node in zip(block.SLOTS, block.param_slots()):
         members = block.lists.get(name)
         if members:
             names.append(f"{members[0].target} .. {members[-1].target} ({len(members)} tensors)")
@@ -78,27 +75,13 @@ def _param_names(block: MoEBlock) -> list[str]:
     return names
 
 
-def block_tensors(block: MoEBlock, values: dict) -> list:
-    """The block's expert tensors in the engine's slot order (up, down, up bias, down
-    bias, second up); an ExpertList where the experts are one parameter each."""
-    from .runtime.store import ExpertList
-
-    out = []
-    for name, node in zip(_SLOTS, block.param_slots()):
-        if name in block.lists:
-            out.append(ExpertList([values[m] for m in block.lists[name]]))
-        else:
-            out.append(values.get(node) if node is not None else None)
-    return out
-
-
 def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
                 options: dict | None = None) -> ExpertEngine:
     """The model's engine: the one already serving these weights if its options match,
     else the one made for the same ``torch.compile`` call (same options object)."""
     from .runtime.engine import attached_store, engine_for_store
 
-    firsts = [block_tensors(b, values)[0] for b in blocks]
+    firsts = [b.tensors(values)[0] for b in blocks]
     for t in firsts:
         eng = engine_for_tensor(t)
         if eng is not None and eng.config.key() == config.key():
@@ -144,7 +127,7 @@ def compile_graph(
     engine = _engine_for(good, values, config, options) if good else None
     numbers: list[int] = []
     for b in good:   # a layer number baked from names may already belong to other experts
-        b.layer = engine.layer_number_for(b.layer, block_tensors(b, values)[0], numbers)
+        b.layer = engine.layer_number_for(b.layer, b.tensors(values)[0], numbers)
         numbers.append(b.layer)
     width = _prediction_width(good, config)
     lookahead = plan_lookahead(good)
@@ -172,7 +155,7 @@ def compile_graph(
             has_down_bias=block.down_bias is not None, has_up2=block.up2_weight is not None,
             views=tuple(sorted(block.views.items())),
         )
-        engine.register_layer(plan, block_tensors(block, values))
+        engine.register_layer(plan, block.tensors(values))
         source = lookahead.get(block.layer)
         if source is not None:
             engine.register_router(block.layer, source.fn, [values.get(p) for p in source.params])

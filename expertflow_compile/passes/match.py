@@ -75,12 +75,29 @@ class MoEBlock:
     views: dict[str, tuple] = field(default_factory=dict)   # name -> [E, N, K] view of a 2-D weight
     lists: dict[str, list[fx.Node]] = field(default_factory=dict)   # name -> one placeholder per expert
 
+    SLOTS = ("up", "down", "up_bias", "down_bias", "up2")   # the engine's order
+
     def params(self) -> list[fx.Node]:
         """Every placeholder holding expert weights (a stacked weight's per-expert ones)."""
         out = []
-        for name, n in zip(("up", "down", "up_bias", "down_bias", "up2"), self.param_slots()):
+        for name, n in zip(self.SLOTS, self.param_slots()):
             if n is not None:
                 out.extend(self.lists.get(name, [n]))
+        return out
+
+    def tensors(self, values: dict, viewed: bool = False) -> list:
+        """The expert tensors in slot order (None where absent), from placeholder
+        ``values``: an ExpertList where the experts are one parameter each; with
+        ``viewed``, 2-D parameters viewed as [E, N, K]."""
+        from ..runtime.store import ExpertList
+
+        out = []
+        for name, node in zip(self.SLOTS, self.param_slots()):
+            if name in self.lists:
+                out.append(ExpertList([values[m] for m in self.lists[name]]))
+                continue
+            t = values.get(node) if node is not None else None
+            out.append(t.view(self.views[name]) if viewed and t is not None and name in self.views else t)
         return out
 
     def param_slots(self) -> list[fx.Node | None]:

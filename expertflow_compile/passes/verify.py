@@ -103,16 +103,7 @@ def check_blocks(
             results[i] = BlockCheck(False, float("inf"), 0.0, "the block's output was not computed")
             continue
         hidden, ids, wts, ref = v[b.hidden], v[b.topk_ids], v[b.topk_weights], v[b.output]
-        def value(name, node):
-            if name in b.lists:
-                from ..runtime.store import ExpertList
-
-                return ExpertList([placeholder_values[m] for m in b.lists[name]])
-            t = placeholder_values.get(node) if node is not None else None
-            return t.view(b.views[name]) if t is not None and name in b.views else t
-
-        up, down, up2 = value("up", b.up_weight), value("down", b.down_weight), value("up2", b.up2_weight)
-        bu, bd = value("up_bias", b.up_bias), value("down_bias", b.down_bias)
+        up, down, bu, bd, up2 = b.tensors(placeholder_values, viewed=True)
 
         def weights_of(e, up=up, down=down, bu=bu, bd=bd, up2=up2):
             return {"up": up[e], "down": down[e], "up_bias": None if bu is None else bu[e],

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .engine import LAYER_SHIFT
-from .trace import RoutingTrace, fingerprint, router_digest, router_weights
+from .trace import RoutingTrace, require_fingerprint, router_digest, router_weights
 
 __all__ = ["PathPredictor", "OraclePredictor", "make_predictor", "train_path_predictor", "path_features",
            "ranked_union", "prediction_metrics", "engine_router_digest"]
@@ -201,10 +201,8 @@ class PathPredictor:
                              f"{digest[:16]}...: train a predictor for this model")
 
     def check_model(self, model) -> None:
-        fp = fingerprint(model)
-        if fp != self.fingerprint:
-            raise ValueError(f"this path predictor was trained for a model with fingerprint {self.fingerprint[:16]}..., "
-                             f"but the given model has fingerprint {fp[:16]}...: train a predictor for this model")
+        require_fingerprint(model, self.fingerprint, "this path predictor was trained for",
+                            "train a predictor for this model")
 
     # ---------------------------------------------------------------- files
     def save(self, path: str) -> None:

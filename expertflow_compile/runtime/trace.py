@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["RoutingTrace", "record_routing", "fingerprint", "router_weights", "router_digest"]
+__all__ = ["RoutingTrace", "record_routing", "fingerprint", "require_fingerprint", "router_weights", "router_digest"]
 
 FORMAT = "expertflow-routing-trace/1"
 LOOKAHEAD_EXTRA = 2          # lookahead candidates kept per token: top (k + 2)
@@ -58,6 +58,15 @@ def router_digest(tensors) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def require_fingerprint(model, expected: str, what: str, remedy: str) -> None:
+    """Raise ``ValueError`` unless ``model``'s fingerprint is ``expected`` (a file made for
+    another model is refused): "<what> a model with fingerprint ...: <remedy>"."""
+    fp = fingerprint(model)
+    if fp != expected:
+        raise ValueError(f"{what} a model with fingerprint {expected[:16]}..., but the given model has "
+                         f"fingerprint {fp[:16]}...: {remedy}")
 
 
 def fingerprint(model) -> str:
@@ -128,10 +137,8 @@ class RoutingTrace:
 
     def check_model(self, model) -> None:
         """Raise ``ValueError`` unless ``model`` has the fingerprint this trace was recorded with."""
-        fp = fingerprint(model)
-        if fp != self.fingerprint:
-            raise ValueError(f"this routing trace was recorded on a model with fingerprint {self.fingerprint[:16]}..., "
-                             f"but the given model has fingerprint {fp[:16]}...: record a new trace for this model")
+        require_fingerprint(model, self.fingerprint, "this routing trace was recorded on",
+                            "record a new trace for this model")
 
     # ------------------------------------------------------------------ files
     def save(self, path: str) -> None:
