@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Train the small Mixtral-style MoE checkpoint shipped in
-``expertflow_compile/assets/tiny_mixtral``.
+"""Train the small MoE checkpoints shipped in ``expertflow_compile/assets/``.
+
+Two architectures (``--arch``):
+
+* ``mixtral`` (default): ``tiny_mixtral``, Mixtral's routing shape (8 experts, top-2);
+* ``qwen2_moe``: ``tiny_qwen2_moe``, Qwen1.5-MoE-A2.7B's routing shape (60 routed
+  experts, top-4, softmax scores not renormalised over the top-4, plus one always-on
+  shared expert behind a sigmoid gate).
+
+Each architecture has its own defaults (``ARCH_DEFAULTS``); an option given on the
+command line wins.  With no option beyond ``--arch``/``--out-dir``, ``mixtral``
+gives exactly the arguments that produced ``tiny_mixtral``.
 
 Pipeline (CPU only, one thread by default):
 
 1. corpus: the Python 3.11 documentation sources from the Debian package
    ``python3.11-doc`` (PSF License), split by document into train / held-out
    (see ``scripts/prepare_corpus.py``);
-2. tokenizer: byte-level BPE (``tokenizers``) trained on the train split only;
-3. model: ``transformers.MixtralConfig`` + ``MixtralForCausalLM``;
+2. tokenizer: byte-level BPE (``tokenizers``) trained on the train split only
+   (deterministic: the same split and vocab size give the same ``tokenizer.json``,
+   so both shipped models share one vocabulary);
+3. model: ``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM`` from its config;
 4. loss: LM cross-entropy + a Switch-style load-balancing loss computed
    separately for EVERY layer from that layer's router logits and summed over
    layers (``E * sum_e f_e * P_e`` per layer);
@@ -19,12 +31,14 @@ Pipeline (CPU only, one thread by default):
    checkpoint written with ``save_pretrained`` (weights stored as bf16 by
    default) and reloaded/verified with ``AutoModelForCausalLM``.
 
-Example (the command used for the shipped checkpoint is in
+Examples (the commands used for the shipped checkpoints are in
 ``expertflow_compile/assets/README.md``)::
 
     python scripts/train_tiny_moe.py --minutes 25 \
         --out-dir expertflow_compile/assets/tiny_mixtral \
         --heldout-sample expertflow_compile/assets/heldout.txt
+    python scripts/train_tiny_moe.py --arch qwen2_moe --minutes 40 \
+        --out-dir expertflow_compile/assets/tiny_qwen2_moe
 """
 
 from __future__ import annotations
@@ -115,26 +129,51 @@ def encode_docs(tok, docs: list[dict], desc: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- model
-def build_model(args, vocab_size: int, eos_id: int):
-    from transformers import MixtralConfig, MixtralForCausalLM
+# Per-architecture defaults of the model-shape options (None on the command line =
+# take these).  `mixtral` is what produced tiny_mixtral; `qwen2_moe` keeps
+# Qwen1.5-MoE-A2.7B's conventions at a tiny width: 60 routed experts, top-4,
+# norm_topk_prob False, a shared expert as wide as the top-4 routed experts together
+# (5632 = 4 x 1408 there), multi-head attention (kv heads = heads) with q/k/v bias,
+# RoPE theta 1e6, RMSNorm eps 1e-6, every layer sparse, untied embeddings.
+ARCH_DEFAULTS = {
+    "mixtral": dict(layers=6, hidden=128, intermediate=320, heads=4, kv_heads=2, experts=8, top_k=2,
+                    shared_intermediate=None, rope_theta=10000.0, rms_eps=1e-5, max_file_mb=20.0),
+    "qwen2_moe": dict(layers=8, hidden=128, intermediate=64, heads=4, kv_heads=4, experts=60, top_k=4,
+                      shared_intermediate=None, rope_theta=1e6, rms_eps=1e-6, max_file_mb=35.0),
+}
+ARCH_CLASS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
-    config = MixtralConfig(
+
+def resolve_arch_defaults(args) -> None:
+    """Fill every model-shape option left at None from ARCH_DEFAULTS[args.arch]."""
+    for key, value in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.arch == "qwen2_moe" and args.shared_intermediate is None:
+        args.shared_intermediate = args.top_k * args.intermediate
+    if args.arch == "mixtral" and args.shared_intermediate is not None:
+        raise SystemExit("--shared-intermediate is for --arch qwen2_moe (Mixtral has no shared expert)")
+
+
+def num_experts_of(cfg) -> int:
+    """Routed experts per MoE layer, whatever the config calls them."""
+    return cfg.num_local_experts if hasattr(cfg, "num_local_experts") else cfg.num_experts
+
+
+def build_model(args, vocab_size: int, eos_id: int):
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
         max_position_embeddings=args.max_pos,
-        num_local_experts=args.experts,
         num_experts_per_tok=args.top_k,
         router_aux_loss_coef=args.aux_coef,
         output_router_logits=False,
         tie_word_embeddings=args.tie_embeddings,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=None,
+        rms_norm_eps=args.rms_eps,
+        rope_theta=args.rope_theta,
         attention_dropout=0.0,
         initializer_range=0.02,
         bos_token_id=eos_id,
@@ -142,24 +181,54 @@ def build_model(args, vocab_size: int, eos_id: int):
         pad_token_id=eos_id,
         use_cache=True,
     )
-    model = MixtralForCausalLM(config)
-    return model
+    if args.arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(
+            **common,
+            intermediate_size=args.intermediate,
+            head_dim=args.hidden // args.heads,
+            num_local_experts=args.experts,
+            sliding_window=None,
+        )
+        return MixtralForCausalLM(config)
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        **common,
+        moe_intermediate_size=args.intermediate,
+        shared_expert_intermediate_size=args.shared_intermediate,
+        intermediate_size=args.shared_intermediate,  # dense-MLP width; unused (every layer is sparse)
+        num_experts=args.experts,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+        qkv_bias=True,
+    )
+    return Qwen2MoeForCausalLM(config)
 
 
 def count_params(model) -> dict:
+    """Parameter counts; `experts` are the routed experts only (a shared expert is
+    always active and counts as dense)."""
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    shared = sum(p.numel() for n, p in model.named_parameters() if ".shared_expert" in n)
     cfg = model.config
-    per_expert = experts // (cfg.num_hidden_layers * cfg.num_local_experts)
+    per_expert = experts // (cfg.num_hidden_layers * num_experts_of(cfg))
     active = total - experts + cfg.num_hidden_layers * cfg.num_experts_per_tok * per_expert
     emb = model.model.embed_tokens.weight.numel()
-    return {
+    sizes = {
         "total": total,
         "experts": experts,
         "per_expert": per_expert,
         "active_per_token": active,
         "non_embedding": total - emb - (0 if cfg.tie_word_embeddings else model.lm_head.weight.numel()),
     }
+    if shared:
+        sizes["shared_experts"] = shared
+    return sizes
 
 
 # ---------------------------------------------------------------------------- loss
@@ -189,7 +258,7 @@ def evaluate(model, ids: np.ndarray, seq_len: int, max_tokens: int, batch_size: 
     """Perplexity on non-overlapping windows + per-layer routing statistics."""
     model.eval()
     cfg = model.config
-    E, K = cfg.num_local_experts, cfg.num_experts_per_tok
+    E, K = num_experts_of(cfg), cfg.num_experts_per_tok
     n_win = min(max_tokens, len(ids) - 1) // seq_len
     windows = [ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n_win)]
     nll, ntok = 0.0, 0
@@ -214,7 +283,7 @@ def evaluate(model, ids: np.ndarray, seq_len: int, max_tokens: int, batch_size: 
         "max_expert_share_per_layer": [round(v, 4) for v in share.max(dim=1).values.tolist()],
         "min_expert_share_per_layer": [round(v, 4) for v in share.min(dim=1).values.tolist()],
         "dead_experts_per_layer": [int(v) for v in (counts == 0).sum(dim=1).tolist()],
-        # 1/E for a uniform router (~0.17 at random init here); higher = confident, token-dependent routing
+        # 1/E for a uniform router (~0.17 at random init for 8 experts); higher = confident, token-dependent routing
         "mean_top1_router_prob_per_layer": [round(v, 4) for v in (top1_prob / ntok).tolist()],
         "expert_share": [[round(v, 4) for v in row] for row in share.tolist()],
     }
@@ -237,14 +306,19 @@ def main(argv=None):
     p.add_argument("--out-dir", required=True, help="checkpoint directory (config, weights, tokenizer, report)")
     p.add_argument("--heldout-sample", default=None, help="where to write <=200KB of held-out text")
     p.add_argument("--vocab-size", type=int, default=4096)
-    # model
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=320)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
+    # model (None = the --arch default, see ARCH_DEFAULTS)
+    p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="mixtral")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None, help="width of one routed expert")
+    p.add_argument("--shared-intermediate", type=int, default=None,
+                   help="qwen2_moe: width of the shared expert (default top_k x intermediate)")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--rope-theta", type=float, default=None)
+    p.add_argument("--rms-eps", type=float, default=None)
     p.add_argument("--max-pos", type=int, default=512)
     p.add_argument("--tie-embeddings", action="store_true")
     # optimisation
@@ -264,8 +338,9 @@ def main(argv=None):
     # eval / export
     p.add_argument("--eval-tokens", type=int, default=100_000)
     p.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--max-file-mb", type=float, default=20.0)
+    p.add_argument("--max-file-mb", type=float, default=None)
     args = p.parse_args(argv)
+    resolve_arch_defaults(args)
 
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -421,13 +496,16 @@ def main(argv=None):
         "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": len(tok), "eos_token": EOS,
                       "eos_token_id": eos_id, "trained_on": "train split only"},
         "model": {
-            "architecture": "MixtralForCausalLM",
+            "architecture": ARCH_CLASS[args.arch],
             "num_hidden_layers": cfg.num_hidden_layers,
             "hidden_size": cfg.hidden_size,
-            "intermediate_size": cfg.intermediate_size,
+            **({"intermediate_size": cfg.intermediate_size, "num_local_experts": cfg.num_local_experts}
+               if args.arch == "mixtral" else
+               {"moe_intermediate_size": cfg.moe_intermediate_size,
+                "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+                "num_experts": cfg.num_experts, "norm_topk_prob": cfg.norm_topk_prob}),
             "num_attention_heads": cfg.num_attention_heads,
             "num_key_value_heads": cfg.num_key_value_heads,
-            "num_local_experts": cfg.num_local_experts,
             "num_experts_per_tok": cfg.num_experts_per_tok,
             "max_position_embeddings": cfg.max_position_embeddings,
             "tie_word_embeddings": cfg.tie_word_embeddings,
