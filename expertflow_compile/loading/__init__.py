@@ -195,5 +195,6 @@ def from_pretrained(path, *, dtype=None, device="cpu", **hf_kwargs):
         model.get_submodule(g.module).register_forward_pre_hook(_refuse_uncompiled)
     model.eval()
     model._expertflow_store = store   # keeps the store alive and reachable
+    model._expertflow_experts = div.groups   # which parameters are the experts of which store layer
     model._expertflow_quantization = quant
     return model

@@ -269,7 +269,20 @@ def _merge(op, d, ctx):
 
 
 def _check_expert_order(tensors: list[Node], ctx: OpContext) -> None:
-    """The merged list must be experts 0, 1, ..., n-1 (transformers stacks them in key order)."""
+    """The merged list must be experts 0, 1, ..., n-1 (transformers stacks them in key order),
+    n no more than the parameter's experts, each of one shape."""
+    limit = _param(ctx, ctx.layer_name).shape[0]
+    if len(tensors) > limit:
+        extra = next(slices_of(tensors[limit]))
+        raise ConversionRefused(
+            f"checkpoint tensor {extra.key!r} in {extra.file} is expert {limit} of {ctx.layer_name}, but the config "
+            f"has {limit} experts (0..{limit - 1}); the checkpoint has {len(tensors)}")
+    for t in tensors[1:]:
+        if t.shape != tensors[0].shape:
+            odd = next(slices_of(t))
+            raise ConversionRefused(
+                f"checkpoint tensor {odd.key!r} in {odd.file} has shape {list(t.shape)}, the other experts' "
+                f"{list(tensors[0].shape)} ({ctx.layer_name})")
     for pos, t in enumerate(tensors):
         key = next(slices_of(t)).key
         idx = ctx.expert_index(key)
@@ -293,7 +306,12 @@ def _concatenate(op, d, ctx):
         t = d.pop(sp)
         parts.extend(t if isinstance(t, list) else [t])
     dim = op.dim % len(parts[0].shape)
-    return {ctx.target_patterns[0]: parts[0] if len(parts) == 1 else Cat(dim, tuple(parts))}
+    try:
+        return {ctx.target_patterns[0]: parts[0] if len(parts) == 1 else Cat(dim, tuple(parts))}
+    except ValueError as exc:
+        raise ConversionRefused(f"transformers concatenates {' and '.join(describe(p) for p in parts)} into "
+                                f"{ctx.layer_name}, but their shapes {[list(p.shape) for p in parts]} do not join "
+                                f"along dim {dim} ({exc})") from None
 
 
 def _chunk(op, d, ctx):

@@ -89,7 +89,8 @@ class ExpertDiversion:
         expert_params = {n: g for g in groups for n in g.param_names()}
         targets, expert_keys = self._collect(model, state_dict.keys(), load_config, expert_params)
         nodes = self._programs(model, targets, expert_params)
-        self.store = SafetensorsExpertStore(self._sources(model, nodes), dtype=None)   # before any dense byte
+        dtypes = {g.layer: model.get_parameter(g.param_names()[0]).dtype for g in groups}
+        self.store = SafetensorsExpertStore(self._sources(model, nodes), dtype=dtypes)   # before any dense byte
         dense = {k: v for k, v in state_dict.items() if k not in expert_keys}
         info, disk_offload_index = original(model, dense, load_config, disk_offload_index)
         self._install(model)

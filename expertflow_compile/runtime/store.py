@@ -528,9 +528,10 @@ class SafetensorsExpertStore(ExpertStore):
     """Experts read on demand from safetensors files; never all experts in RAM.
 
     ``sources``: layer -> {tensor name in the expert (e.g. ``"up"``): TensorSource or
-    ExpertTensorSource}. ``dtype``: convert to this dtype when reading (default: the
-    checkpoint's dtype, or ``expected[layer].dtype`` when ``expected`` is given); an
-    ExpertTensorSource with its own ``dtype`` keeps it. ``expected``: the model's specs to
+    ExpertTensorSource}. ``dtype`` (one, or one per layer): the layer's dtype, which its
+    tensors are converted to when reading (default: the checkpoint's dtype, or
+    ``expected[layer].dtype`` when ``expected`` is given); an ExpertTensorSource with its
+    own ``dtype`` keeps that one (a quantized tensor: its on-disk dtype). ``expected``: the model's specs to
     check the checkpoint against (experts, shapes).
 
     Construction validates everything (files exist, headers parse, byte ranges inside
@@ -543,7 +544,7 @@ class SafetensorsExpertStore(ExpertStore):
     def __init__(
         self,
         sources: dict[int, dict[str, TensorSource | ExpertTensorSource]],
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | Mapping[int, torch.dtype] | None = None,
         *,
         expected: dict[int, ExpertSpec] | None = None,
     ):
@@ -587,7 +588,8 @@ class SafetensorsExpertStore(ExpertStore):
                             f"layer {layer}: checkpoint gives {num} experts with shapes {shapes}, "
                             f"the model expects {exp.num_experts} experts with shapes {exp.shapes}"
                         )
-                target = dtype or (exp.dtype if exp is not None else None)
+                target = (dtype.get(layer) if isinstance(dtype, Mapping) else dtype) or (
+                    exp.dtype if exp is not None else None)
                 if target is None:
                     if None in disk_dtypes or len(disk_dtypes) > 1:
                         raise ValueError(
