@@ -29,7 +29,7 @@ import os
 import torch
 
 __all__ = ["save_hub_layout", "write_fp8_checkpoint", "write_mxfp4_checkpoint", "write_shards", "fp8_quantize",
-           "mxfp4_quantize", "compare_with_transformers"]
+           "mxfp4_quantize", "compare_with_transformers", "check_loads_from_checkpoint"]
 
 FP8_MAX = 448.0
 _FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -220,3 +220,75 @@ def compare_with_transformers(ref, ours) -> list[str]:
                                     f" ({spec.shapes.get(ename)})")
                     break
     return problems
+
+
+def check_loads_from_checkpoint(model, family: str, ids: torch.Tensor, *, save_kw: dict, budget: str = "25%",
+                                tol: float = 1e-5) -> dict:
+    """Save ``model`` (a tiny ``family`` model) with ``save_pretrained(**save_kw)``, load it with
+    ``expertflow_compile.from_pretrained`` and with transformers, compare them
+    (:func:`compare_with_transformers`), compile ours at ``budget`` (one layer's top-k
+    minimum when ``budget`` is below it) and compare its logits on ``ids`` with
+    transformers' (``tol`` x max |logit|). Returns ``{"ok", "stage", "error", "budget",
+    "max_diff", "bytes_moved"}``: where and why it failed, else ``ok``."""
+    import re
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from .. import from_pretrained, stats
+    from .families import is_encoder_decoder, lm_inputs
+
+    def short(e):
+        msg = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {msg[0][:240] if msg else ''}"
+
+    out = dict(ok=False, stage=None, error=None, budget=budget, max_diff=None)
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(family) else AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        for stage, fn in (("save_pretrained", lambda: model.save_pretrained(d, **save_kw)),
+                          ("transformers from_pretrained", lambda: out.__setitem__("ref", auto.from_pretrained(d).eval())),
+                          ("load", lambda: out.__setitem__("ours", from_pretrained(d)))):
+            try:
+                fn()
+            except Exception as e:   # noqa: BLE001 - recorded, the table says why
+                out.update(stage=stage, error=short(e))
+                out.pop("ref", None)
+                return out
+        ref, ours = out.pop("ref"), out.pop("ours")
+        diffs = compare_with_transformers(ref, ours)
+        if diffs:
+            out.update(stage="state dict", error=f"{len(diffs)} differences, first: {diffs[0]}")
+            return out
+        with torch.no_grad():
+            want = ref(**lm_inputs(ref, ids), use_cache=False).logits.float()
+        for attempt in range(2):
+            torch._dynamo.reset()
+            options = {"expert_budget": out["budget"]}
+            ours.compile(backend="expertflow", options=options)
+            if getattr(ours.config, "is_encoder_decoder", False):
+                ours.get_encoder().compile(backend="expertflow", options=options)
+            try:
+                with torch.no_grad():
+                    got = ours(**lm_inputs(ours, ids), use_cache=False).logits.float()
+                break
+            except Exception as e:   # noqa: BLE001
+                m = re.search(r"use expert_budget >= '([^']+)'", str(e))
+                low = m.group(1) if m else None
+                if attempt == 0 and low is not None:   # 25% is below one layer's top-k: the minimum
+                    out["budget"] = low
+                    continue
+                out.update(stage="compiled run", error=short(e))
+                return out
+        diff, scale = (got - want).abs().max().item(), want.abs().max().item()
+        s = stats(ours)
+        out["max_diff"] = diff
+        if not diff <= tol * scale:
+            out.update(stage="compiled run", error=f"logits differ from transformers' by {diff:.3g} "
+                                                   f"(max |logit| {scale:.3g})")
+        elif not (s.get("offloading") and s.get("bytes_moved", 0) > 0):
+            out.update(stage="compiled run", error="the experts did not come from the disk store")
+        else:
+            out["ok"] = True
+        out["bytes_moved"] = s.get("bytes_moved", 0)
+        del ours, ref
+    return out
