@@ -111,6 +111,7 @@ class ExpertDiversion:
         meta = model.state_dict()
         prefix = model.base_model_prefix
         owners = sorted({g.module for g in self.groups}, key=len, reverse=True)
+        ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
         targets: dict[str, _Target] = {}
         expert_keys: set[str] = set()
         self._star: dict[str, int] = {}
@@ -124,7 +125,7 @@ class ExpertDiversion:
             hit = [t for t in outs if t in expert_params]
             if not hit:
                 owner = next((o for o in owners if renamed.startswith(o + ".")), None)
-                if renamed not in meta and owner is not None:
+                if renamed not in meta and owner is not None and not any(p.search(renamed) for p in ignored):
                     raise ConversionRefused(self._stray(key, renamed, owner))
                 continue
             if len(hit) != len(outs):
