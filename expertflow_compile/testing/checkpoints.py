@@ -281,6 +281,13 @@ def check_loads_from_checkpoint(model, family: str, ids: torch.Tensor, *, save_k
                 return out
         diff, scale = (got - want).abs().max().item(), want.abs().max().item()
         s = stats(ours)
+        from ..runtime.engine import engines_for_module
+
+        tiers = {type(e.store).__name__ for e in engines_for_module(ours) if e.store is not ours._expertflow_store}
+        if tiers:
+            out.update(stage="compiled run", error=f"the engine serves the experts from a {', '.join(sorted(tiers))} "
+                                                   "(the placeholders), not from the checkpoint's disk store")
+            return out
         out["max_diff"] = diff
         if not diff <= tol * scale:
             out.update(stage="compiled run", error=f"logits differ from transformers' by {diff:.3g} "
