@@ -26,7 +26,6 @@ the op (or format), the parameter and the checkpoint tensor and file - never gue
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ import torch
 
 from ..runtime.read_plan import Cat, FileSlice, Interleave, Narrow, Node, Stack, Transpose, describe, narrow, slices_of
 
-__all__ = ["ConversionRefused", "Dequant", "run_converter", "select", "rows", "hoist", "star_regex"]
+__all__ = ["ConversionRefused", "Dequant", "OpContext", "run_converter", "select", "rows", "hoist", "star_regex",
+           "whole"]
 
 
 class ConversionRefused(ValueError):
@@ -455,7 +455,3 @@ def run_converter(converter, collected: dict[str, list[Node]], ctx: OpContext) -
 def whole(entry, key: str) -> FileSlice:
     """The checkpoint tensor ``key`` (a safetensors ``TensorEntry``) as a leaf node."""
     return FileSlice(entry.file, key, entry.begin, entry.end - entry.begin, tuple(entry.shape), entry.dtype)
-
-
-def numel(shape) -> int:
-    return math.prod(shape)

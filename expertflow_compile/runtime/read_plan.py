@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Node", "FileSlice", "Stack", "Cat", "Transpose", "Narrow", "Interleave", "write_into", "materialize",
-           "files_of", "slices_of", "describe"]
+__all__ = ["Node", "FileSlice", "Stack", "Cat", "Transpose", "Narrow", "Interleave", "narrow", "write_into",
+           "materialize", "files_of", "slices_of", "describe"]
 
 #: reader(file, writable byte view, absolute offset): fill the view from the file
 Reader = Callable[[str, memoryview, int], None]
