@@ -21,6 +21,12 @@ each stage, and each stage's own peak is its ``VmHWM``, reset between stages by 
 Definitions used in the report (``baseline`` = RSS right after the loader returns:
 interpreter + torch + transformers + dense weights, no experts):
 
+* load peak = the highest RSS during ``expertflow_compile.from_pretrained`` minus the RSS
+  after the imports, compared with the checkpoint's dense bytes (target: within 10%:
+  the load never materialises an expert). transformers memory-maps the dense tensors, so
+  their pages come in on first use; the child pages them in right after the load (the
+  "dense weights paged in" stage, also within the target), and that RSS is the baseline;
+
 * over baseline = peak RSS - baseline (at ``--budget``): the headline, compared with the budget;
 * fixed runtime overhead = peak RSS at the minimum budget - its baseline - its cache bytes
   (Dynamo import and tracing, compiled graphs and guards, code pages, the prefetch thread);
@@ -185,7 +191,16 @@ def child(mode: str, path: str, tokens: int, budget: str, warmup: int) -> dict:
     else:
         model = expertflow_compile.from_pretrained(path, dtype=torch.float32)
     out["load_s"] = time.time() - t0
-    row = stages.mark("loader (dense-only baseline)" if mode == "expertflow" else "from_pretrained")
+    row = stages.mark("loader" if mode == "expertflow" else "from_pretrained")
+    out["rss_after_loader"] = row["rss"]
+    if mode == "expertflow":
+        # transformers' loader memory-maps the dense tensors (file pages come in on first use): page
+        # them in once, so that the baseline holds the dense weights as the model will
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.numel() > 1 and not all(s == 0 for s in p.stride()):
+                    p.float().sum()
+        row = stages.mark("dense weights paged in (dense-only baseline)")
     out["rss_after_load"] = row["rss"]
     out["peak_rss_after_load"] = stages.peak()
 
@@ -331,6 +346,8 @@ def main(argv=None):
     over = b["peak_over_baseline"]
     fixed = m["overhead"]
     d_peak, d_budget = ours["peak_rss"] - low["peak_rss"], budget - budget_min
+    load_peak = _stage_delta(ours, "loader")["stage_peak"] - ours["rss_after_import"]   # the load alone
+    paged = _stage_delta(ours, "dense weights paged in")["stage_peak"] - ours["rss_after_import"]
     proportional = d_peak / d_budget if d_budget else float("nan")
 
     print()
@@ -351,6 +368,13 @@ def main(argv=None):
         ("dense-only baseline (RSS after expertflow loader)", _gib(b["baseline"])),
         ("  loader's growth (dense weights + model code) / dense bytes",
          f"{_gib(b['baseline'] - ours['rss_after_import'])} / {_gib(dense)}"),
+        ("peak RSS during the expertflow load - RSS after imports", f"{_gib(load_peak)} = "
+                                                                     f"{load_peak / dense:.3f} x dense bytes"),
+        ("  target: <= dense bytes + 10% (no expert materialised)",
+         f"{'met' if load_peak <= 1.10 * dense else 'NOT met'} (limit {_gib(1.10 * dense)}; "
+         f"experts {_gib(experts)})"),
+        ("  same, after paging in the memory-mapped dense weights", f"{_gib(paged)} = {paged / dense:.3f} x dense "
+                                                                    "bytes"),
         ("HEADLINE peak RSS - baseline", f"{_gib(over)} = {over / budget:.2f} x budget"),
         ("  target: <= budget + 10%", f"{'met' if over <= 1.10 * budget else 'NOT met'} "
                                       f"(limit {_gib(1.10 * budget)})"),
@@ -382,6 +406,9 @@ def main(argv=None):
         "warmup_tokens": args.warmup,
         "dense_bytes": dense, "expert_bytes": experts, "budget_bytes": budget, "min_budget_bytes": budget_min,
         "dense_only_baseline_rss": b["baseline"], "peak_rss_minus_baseline": over,
+        "load_peak_over_imports": load_peak, "load_peak_per_dense_bytes": load_peak / dense,
+        "paged_in_dense_over_imports": paged, "paged_in_dense_per_dense_bytes": paged / dense,
+        "load_target_dense_plus_10pct_met": load_peak <= 1.10 * dense,
         "peak_over_baseline_per_budget": over / budget,
         "target_budget_plus_10pct_met": over <= 1.10 * budget,
         "fixed_overhead_bytes": fixed,

@@ -6,6 +6,14 @@ once on a (1, 6) batch while collecting the backend's per-graph reports (the sam
 reports ``expertflow_compile.explain`` returns, gathered from this one compilation
 instead of a second one to halve the run time), and compare the logits with eager.
 
+"Loads from a checkpoint": the same tiny model saved with ``save_pretrained`` in both
+layouts transformers 5 writes (the default, original per-expert names, and
+``save_original_format=False``, the fused one), loaded with
+``expertflow_compile.from_pretrained`` (experts left on disk), every dense tensor and
+buffer and every expert compared with ``AutoModel*.from_pretrained``'s load of the same
+files, compiled at ``expert_budget="25%"`` (one layer's top-k minimum where 25% is
+below it) and its logits compared with that transformers model's.
+
     python scripts/coverage.py                       # all families
     python scripts/coverage.py --families mixtral dbrx --no-write
 
@@ -33,11 +41,14 @@ sys.path.insert(0, ROOT)
 from expertflow_compile import stats  # noqa: E402
 from expertflow_compile.backend import collect_reports  # noqa: E402
 from expertflow_compile.passes.report import ExplainReport  # noqa: E402
+from expertflow_compile.testing.checkpoints import check_loads_from_checkpoint  # noqa: E402
 from expertflow_compile.testing.families import (  # noqa: E402
     build_tiny_family, count_moe_layers, discover_moe_families, lm_inputs, skipped_moe_families)
 
 BUDGET = "50%"
+LOAD_BUDGET = "25%"
 TOL = 1e-5
+LAYOUTS = (("original", {}), ("fused", {"save_original_format": False}))
 
 
 def _short(e: BaseException) -> str:
@@ -92,9 +103,29 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
             row["offloading"] = bool(s.get("offloading"))
         except Exception as e:
             row["notes"].append(f"stats: {_short(e)}")
+    if row["moe_layers"] and row["error"] is None:
+        row["checkpoint"] = {name: load_from_checkpoint(family, model, ids, kw) for name, kw in LAYOUTS}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     del model
     return row
+
+
+def load_from_checkpoint(family: str, model, ids, save_kw: dict) -> dict:
+    """One layout of the "loads from a checkpoint" column (see the module docstring)."""
+    return check_loads_from_checkpoint(model, family, ids, save_kw=save_kw, budget=LOAD_BUDGET, tol=TOL)
+
+
+def _loads_cell(r: dict, verbose: bool = False) -> str:
+    ck = r.get("checkpoint")
+    if not ck:
+        return "-"
+    if all(v["ok"] for v in ck.values()):
+        low = sorted({v["budget"] for v in ck.values() if v["budget"] != LOAD_BUDGET})
+        return "yes" + (f" (at the minimum budget {low[0]})" if low and verbose else "")
+    bad = {k: v for k, v in ck.items() if not v["ok"]}
+    if not verbose:
+        return "**no**" if len(bad) == len(ck) else f"{', '.join(k for k in ck if ck[k]['ok'])} only"
+    return "; ".join(f"{k}: {v['stage']}: {v['error']}" for k, v in bad.items())
 
 
 def _reason_key(reason: str) -> str:
@@ -145,6 +176,12 @@ def summarize(rows: list[dict]) -> dict:
         matched_and_offloaded_share=round(
             sum(1 for r in rows if r["moe_layers"] and min(r["matched"], r["offloaded"]) >= r["moe_layers"])
             / max(1, len(rows)), 4),
+        loads_from_checkpoint=sum(1 for r in rows if r.get("checkpoint")
+                                  and all(v["ok"] for v in r["checkpoint"].values())),
+        matched_and_loads=sum(1 for r in rows if r["moe_layers"] and r["matched"] >= r["moe_layers"]
+                              and r.get("checkpoint") and all(v["ok"] for v in r["checkpoint"].values())),
+        checkpoint_failures=[(r["family"], _loads_cell(r, verbose=True)) for r in rows if r.get("checkpoint")
+                             and not all(v["ok"] for v in r["checkpoint"].values())],
         build_failures=[(r["family"], r["error"]) for r in rows if (r["error"] or "").startswith(("build", "eager"))],
         compile_errors=[(r["family"], r["error"]) for r in rows if (r["error"] or "").startswith("compile")],
         unmatched_reasons=[dict(reason=k, count=n, families=examples[k]) for k, n in reasons.most_common()],
@@ -161,7 +198,12 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
              f"torch {meta['torch']}, CPU, fp32, tiny random models (2 layers, 8 experts, top-2), "
              f"input ids of shape (1, 6), `expert_budget=\"{BUDGET}\"`. "
              "Exact: compiled logits within 1e-5 x max|eager| of eager. "
-             "Offloaded: MoE layers whose experts went through the expert cache (bytes moved > 0 for that layer).", "",
+             "Offloaded: MoE layers whose experts went through the expert cache (bytes moved > 0 for that layer). "
+             "Loads from a checkpoint: saved with `save_pretrained` in both layouts (original per-expert names and "
+             "`save_original_format=False`), loaded with `expertflow_compile.from_pretrained`, every dense tensor, "
+             "buffer and expert equal to `AutoModel*.from_pretrained`'s load, compiled at "
+             f"`expert_budget=\"{LOAD_BUDGET}\"` (one layer's top-k minimum where that is less) and its logits within "
+             "1e-5 x max|logit| of that model's.", "",
              "## Summary", "",
              f"- families discovered (causal LM with routed experts): **{summary['families']}**",
              f"- built tiny and ran eagerly: **{summary['built']}**",
@@ -171,6 +213,8 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
              f"- every MoE layer offloaded: **{summary['offloaded']}**",
              f"- every MoE layer matched and offloaded, share of all families discovered: "
              f"**{100 * summary['matched_and_offloaded_share']:.1f}%**",
+             f"- loads from a checkpoint (both layouts): **{summary['loads_from_checkpoint']}** "
+             f"(of the {summary['fully_matched']} fully matched: {summary['matched_and_loads']})",
              f"- compile errors: **{len(summary['compile_errors'])}**, build failures: "
              f"**{len(summary['build_failures'])}**", "",
              "## Top reasons for unmatched blocks", "",
@@ -178,8 +222,13 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
     for u in summary["unmatched_reasons"]:
         lines.append(f"| {_cell(u['reason'])} | {u['count']} | {', '.join(u['families'][:8])}"
                      f"{' ...' if len(u['families']) > 8 else ''} |")
-    lines += ["", "## Families", "", "| family | MoE layers | matched | offloaded | exact | notes |",
-              "|---|---|---|---|---|---|"]
+    if summary.get("checkpoint_failures"):
+        lines += ["", "## Families that do not load from a checkpoint (both layouts)", "",
+                  "| family | why |", "|---|---|"]
+        lines += [f"| {fam} | {_cell(why)[:600]} |" for fam, why in summary["checkpoint_failures"]]
+    lines += ["", "## Families", "",
+              "| family | MoE layers | matched | offloaded | exact | loads from a checkpoint | notes |",
+              "|---|---|---|---|---|---|---|"]
     for r in rows:
         notes = []
         if r["error"]:
@@ -193,7 +242,7 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
         notes += r["notes"]
         exact = "-" if r["exact"] is None else ("yes" if r["exact"] else "**no**")
         lines.append(f"| {r['family']} | {r['moe_layers']} | {r['matched']} | {r['offloaded']} | {exact} | "
-                     f"{_cell('; '.join(notes))[:600]} |")
+                     f"{_cell(_loads_cell(r, verbose=True))[:300]} | {_cell('; '.join(notes))[:600]} |")
     if meta.get("skipped"):
         lines += ["", "## MoE model types without a language-model head of their own (not run)", ""]
         lines.append(", ".join(f"`{mt}`" for mt, _ in meta["skipped"]))
@@ -210,11 +259,14 @@ def to_readme(rows: list[dict], summary: dict, meta: dict) -> str:
              f"`expert_budget=\"{BUDGET}\"`; reasons and build notes in [`docs/coverage.md`](docs/coverage.md)): "
              f"**{summary['families']} families discovered, {summary['exact']} exact, "
              f"{summary['fully_matched']} with every MoE layer matched, {summary['offloaded']} with every MoE "
-             f"layer offloaded ({100 * summary['matched_and_offloaded_share']:.1f}% of the families discovered)**.",
-             "", "| family | MoE layers | matched | offloaded | exact |", "|---|---|---|---|---|"]
+             f"layer offloaded ({100 * summary['matched_and_offloaded_share']:.1f}% of the families discovered), "
+             f"{summary.get('loads_from_checkpoint', 0)} loading from a checkpoint in both layouts**.",
+             "", "| family | MoE layers | matched | offloaded | exact | loads from a checkpoint |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         exact = "-" if r["exact"] is None else ("yes" if r["exact"] else "**no**")
-        lines.append(f"| {r['family']} | {r['moe_layers']} | {r['matched']} | {r['offloaded']} | {exact} |")
+        lines.append(f"| {r['family']} | {r['moe_layers']} | {r['matched']} | {r['offloaded']} | {exact} | "
+                     f"{_loads_cell(r)} |")
     lines.append(README_END)
     return "\n".join(lines)
 
@@ -267,7 +319,8 @@ def main(argv=None) -> int:
             it.set_postfix_str(fam)
         row = run_family(fam, build_limit_s=args.build_limit)
         rows.append(row)
-        status = row["error"] or f"matched {row['matched']}/{row['moe_layers']} exact={row['exact']}"
+        status = row["error"] or (f"matched {row['matched']}/{row['moe_layers']} exact={row['exact']} "
+                                  f"loads={_loads_cell(row, verbose=True)}")
         print(f"  {fam}: {status} ({row['seconds']}s)", flush=True)
     summary = summarize(rows)
     meta = dict(transformers=transformers.__version__, torch=torch.__version__, python=platform.python_version(),

@@ -5,6 +5,11 @@ kernels are tested against. It follows Hugging Face's own expert math step by st
 (up projection, optional bias, the family's gating function, down projection,
 optional bias, optional post-expert function, routing-weight multiply, combine
 over top-k in token order) so that results match the uncompiled model.
+
+Quantized experts (block FP8, MXFP4) arrive compressed, as the cache slot holds them
+(``up`` + ``up_scale_inv``, or ``up_blocks`` + ``up_scales``, ... see
+:mod:`expertflow_compile.kernels.dequant`); :func:`expert_forward` dequantizes each
+weight to the dtype of the rows it multiplies, right before its matmul.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from .dequant import expert_weight
 
 __all__ = ["ExpertMath", "SplitGate", "expert_forward", "combine_topk", "prescale_rows"]
 
@@ -63,15 +70,17 @@ def expert_forward(
     weights: Mapping[str, torch.Tensor],
     math: ExpertMath,
 ) -> torch.Tensor:
-    """One expert on its rows ``x`` [S, H]; ``weights`` holds up/down (+ biases) of that expert."""
-    up = weights["up"]
+    """One expert on its rows ``x`` [S, H]; ``weights`` holds up/down (+ biases) of that expert,
+    plain or compressed (then dequantized to ``x``'s dtype here)."""
+    up = expert_weight(weights, "up", x.dtype)
     h = _linear(x.to(up.dtype), up, math.up_transposed)
-    if weights.get("up2") is not None:   # separate gate and up weights: SplitGate takes both
-        h = torch.cat([h, _linear(x.to(up.dtype), weights["up2"], math.up_transposed)], dim=-1)
+    up2 = expert_weight(weights, "up2", x.dtype)
+    if up2 is not None:   # separate gate and up weights: SplitGate takes both
+        h = torch.cat([h, _linear(x.to(up.dtype), up2, math.up_transposed)], dim=-1)
     if weights.get("up_bias") is not None:
         h = h + weights["up_bias"]
     h = math.gate_fn(h)
-    down = weights["down"]
+    down = expert_weight(weights, "down", x.dtype)
     y = _linear(h.to(down.dtype), down, math.down_transposed)
     if weights.get("down_bias") is not None:
         y = y + weights["down_bias"]

@@ -33,9 +33,12 @@ from typing import NamedTuple
 
 import torch
 
+from .read_plan import Cat, FileSlice, Node, Transpose, describe, slices_of, write_into
+
 __all__ = [
     "ExpertSpec",
     "ExpertStore",
+    "ExpertTensorSource",
     "FaultInjectingStore",
     "SafetensorsExpertStore",
     "TensorEntry",
@@ -84,12 +87,18 @@ class ExpertSpec:
 
     ``shapes`` maps a tensor name (``"up"``, ``"down"``, ``"up_bias"`` ...) to the
     shape of ONE expert's tensor (the fused parameter's shape without its leading
-    expert axis). All tensors of a layer share ``dtype``.
+    expert axis). ``dtype`` is the layer's compute dtype (the model parameters'), which
+    every tensor has unless ``dtypes`` names another one for it: a quantized layer keeps
+    its experts compressed (``up`` in ``float8_e4m3fn`` next to ``up_scale_inv`` in
+    float32, or ``up_blocks`` / ``up_scales`` in ``uint8``; see
+    :mod:`expertflow_compile.kernels.dequant`), so slots, budget and bytes moved count
+    the compressed bytes.
     """
 
     num_experts: int
     shapes: dict[str, tuple[int, ...]] = field(hash=False)
     dtype: torch.dtype
+    dtypes: dict[str, torch.dtype] | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -105,9 +114,29 @@ class ExpertSpec:
         object.__setattr__(self, "shapes", norm)
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"ExpertSpec.dtype must be a torch.dtype, got {self.dtype!r}")
+        own = {}
+        for name, dt in (self.dtypes or {}).items():
+            if name not in norm:
+                raise ValueError(f"ExpertSpec.dtypes names {name!r}, which is not a tensor of the layer "
+                                 f"({sorted(norm)})")
+            if not isinstance(dt, torch.dtype):
+                raise ValueError(f"ExpertSpec.dtypes[{name!r}] must be a torch.dtype, got {dt!r}")
+            if dt != self.dtype:
+                own[name] = dt
+        object.__setattr__(self, "dtypes", own)   # only the tensors whose dtype differs
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        return self.dtypes.get(name, self.dtype)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the experts are held compressed (then only the torch path computes them)."""
+        from ..kernels.dequant import is_quantized_name
+
+        return any(is_quantized_name(n) for n in self.shapes)
 
     def tensor_nbytes(self, name: str) -> int:
-        return _numel(self.shapes[name]) * _itemsize(self.dtype)
+        return _numel(self.shapes[name]) * _itemsize(self.tensor_dtype(name))
 
     def expert_nbytes(self) -> int:
         """Bytes of ONE expert: the sum of its tensors' sizes (no padding)."""
@@ -122,7 +151,7 @@ class ExpertSpec:
         out, off = [], 0
         for name, shape in self.shapes.items():
             off = _align(off)
-            out.append((name, off, shape, self.dtype))
+            out.append((name, off, shape, self.tensor_dtype(name)))
             off += self.tensor_nbytes(name)
         return tuple(out)
 
@@ -136,9 +165,9 @@ def _check_out(spec: ExpertSpec, layer: int, out: Mapping[str, torch.Tensor]) ->
     if set(out) != set(spec.shapes):
         raise ValueError(f"read_into(layer={layer}): expected tensors {sorted(spec.shapes)}, got {sorted(out)}")
     for name, t in out.items():
-        if tuple(t.shape) != spec.shapes[name] or t.dtype != spec.dtype:
+        if tuple(t.shape) != spec.shapes[name] or t.dtype != spec.tensor_dtype(name):
             raise ValueError(
-                f"read_into(layer={layer}): tensor {name!r} must be {spec.shapes[name]} {spec.dtype}, "
+                f"read_into(layer={layer}): tensor {name!r} must be {spec.shapes[name]} {spec.tensor_dtype(name)}, "
                 f"got {tuple(t.shape)} {t.dtype}"
             )
 
@@ -162,7 +191,7 @@ class ExpertStore:
     def read(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Convenience: allocate CPU tensors and ``read_into`` them."""
         spec = self.specs[layer]
-        out = {n: torch.empty(s, dtype=spec.dtype) for n, s in spec.shapes.items()}
+        out = {n: torch.empty(s, dtype=spec.tensor_dtype(n)) for n, s in spec.shapes.items()}
         self.read_into(layer, expert, out)
         return out
 
@@ -315,7 +344,11 @@ class TensorEntry(NamedTuple):
 
 def _read_header(path: str, cache: dict | None = None) -> dict[str, TensorEntry]:
     """Parse one safetensors file's header (validated; never reads tensor data).
-    ``cache``: path -> parsed header, shared by the reads of one construction."""
+
+    Every entry is checked: a known dtype, ``data_offsets`` of exactly dtype x shape
+    bytes, inside the file, and not overlapping another tensor's bytes; an error names
+    the tensor and the file. ``cache``: path -> parsed header, shared by the reads of
+    one construction."""
     path = os.fspath(path)
     if cache is not None and path in cache:
         return cache[path]
@@ -356,7 +389,23 @@ def _read_header(path: str, cache: dict | None = None) -> dict[str, TensorEntry]
             raise ValueError(
                 f"checkpoint {path}: tensor {name!r} has data_offsets {[b, e]} but {dt}{list(shape)} needs {want} bytes"
             )
+        if base + e > size:
+            raise ValueError(
+                f"checkpoint {path} is truncated: tensor {name!r} needs bytes up to {base + e} but the file has {size}"
+            )
         entries[name] = TensorEntry(path, dtype, shape, base + b, base + e)
+    # byte ranges must not overlap (else one tensor, e.g. one expert, reads another's bytes)
+    last = None
+    for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if entry.end == entry.begin:
+            continue
+        if last is not None and entry.begin < last[1].end:
+            raise ValueError(
+                f"checkpoint {path}: tensors {last[0]!r} (bytes {last[1].begin - base}..{last[1].end - base}) and "
+                f"{name!r} (bytes {entry.begin - base}..{entry.end - base}) overlap in the data section; "
+                "the file is corrupt"
+            )
+        last = (name, entry)
     if cache is not None:
         cache[path] = entries
     return entries
@@ -432,6 +481,9 @@ class TensorSource:
 
     ``transpose``: swap the last two dims of each piece after reading (for
     checkpoints storing ``[in, out]`` where the model wants ``[out, in]``).
+
+    For anything else (transformers' conversion steps of a family, quantized experts)
+    give an :class:`ExpertTensorSource`.
     """
 
     fused: tuple[str, str] | None = None
@@ -443,15 +495,19 @@ class TensorSource:
             raise ValueError("TensorSource needs exactly one of fused=(file, name) or per_expert=((pieces), ...)")
 
 
-class _Piece(NamedTuple):
-    fd_key: str          # file path (key into the store's fds)
-    name: str
-    offset: int          # absolute byte offset of this expert's piece
-    nbytes: int
-    shape: tuple[int, ...]   # on-disk shape of the piece
-    dtype: torch.dtype       # on-disk dtype
-    rows: tuple[int, int]    # dim-0 range of the destination it fills
-    transpose: bool          # swap the last two dims after reading
+@dataclass(frozen=True)
+class ExpertTensorSource:
+    """One per-expert tensor as a read program per expert (``programs[e]``, see
+    :mod:`expertflow_compile.runtime.read_plan`), built by the loader from transformers'
+    conversion rules. ``dtype``: what the tensor is held in (None: the store's dtype, else
+    the programs' own); a quantized tensor keeps its on-disk dtype."""
+
+    programs: tuple[Node, ...]
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        if not self.programs:
+            raise ValueError("ExpertTensorSource needs one program per expert, got none")
 
 
 def _pread_into(fd: int, path: str, buf: memoryview, offset: int) -> None:
@@ -471,27 +527,30 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 class SafetensorsExpertStore(ExpertStore):
     """Experts read on demand from safetensors files; never all experts in RAM.
 
-    ``sources``: layer -> {tensor name in the expert (e.g. ``"up"``): TensorSource}.
-    ``dtype``: convert to this dtype when reading (default: the checkpoint's dtype,
-    or ``expected[layer].dtype`` when ``expected`` is given). ``expected``: the
-    model's specs to check the checkpoint against (experts, shapes).
+    ``sources``: layer -> {tensor name in the expert (e.g. ``"up"``): TensorSource or
+    ExpertTensorSource}. ``dtype`` (one, or one per layer): the layer's dtype, which its
+    tensors are converted to when reading (default: the checkpoint's dtype, or
+    ``expected[layer].dtype`` when ``expected`` is given); an ExpertTensorSource with its
+    own ``dtype`` keeps that one (a quantized tensor: its on-disk dtype). ``expected``: the model's specs to
+    check the checkpoint against (experts, shapes).
 
-    Construction validates everything (files exist, headers parse, tensors present,
-    shapes/dtypes consistent, files not truncated) so reads cannot fail for those
-    reasons later. Each ``read_into`` issues one ``preadv`` per piece straight into
-    the destination when no conversion/transpose is needed, else into a small temp.
+    Construction validates everything (files exist, headers parse, byte ranges inside
+    their files, tensors present, shapes/dtypes consistent) so reads cannot fail for
+    those reasons later. Each ``read_into`` runs the expert's read programs: one
+    ``preadv`` per piece straight into the destination when no conversion is needed,
+    else through a small temporary of that piece.
     """
 
     def __init__(
         self,
-        sources: dict[int, dict[str, TensorSource]],
-        dtype: torch.dtype | None = None,
+        sources: dict[int, dict[str, TensorSource | ExpertTensorSource]],
+        dtype: torch.dtype | Mapping[int, torch.dtype] | None = None,
         *,
         expected: dict[int, ExpertSpec] | None = None,
     ):
         if sys.byteorder != "little":
             raise ValueError("SafetensorsExpertStore needs a little-endian host (safetensors data is little-endian)")
-        self._plans: dict[int, dict[str, list[list[_Piece]]]] = {}
+        self._plans: dict[int, dict[str, tuple[Node, ...]]] = {}
         self._fds: dict[str, int] = {}
         self._headers: dict[str, dict[str, TensorEntry]] = {}
         self._sizes: dict[str, int] = {}
@@ -504,33 +563,47 @@ class SafetensorsExpertStore(ExpertStore):
                 exp = expected.get(layer) if expected else None
                 if expected is not None and exp is None:
                     raise ValueError(f"layer {layer} is not in the expected specs (layers {sorted(expected)})")
-                shapes, plans, disk_dtypes, num = {}, {}, set(), None
+                shapes, plans, own, disk_dtypes, num = {}, {}, {}, set(), None
                 for name, src in tensors.items():
-                    shape, plan, ddt = self._plan(layer, name, src)
+                    if isinstance(src, ExpertTensorSource):
+                        programs = self._check_programs(layer, name, src.programs)
+                        if src.dtype is not None:
+                            own[name] = src.dtype
+                    elif isinstance(src, TensorSource):
+                        programs = self._programs(layer, name, src)
+                    else:
+                        raise ValueError(f"layer {layer} tensor {name!r}: expected a TensorSource or "
+                                         f"ExpertTensorSource, got {type(src).__name__}")
                     if num is None:
-                        num = len(plan)
-                    elif len(plan) != num:
-                        raise ValueError(
-                            f"layer {layer}: tensor {name!r} has {len(plan)} experts, the layer's other tensors have {num}"
-                        )
-                    shapes[name], plans[name] = shape, plan
-                    disk_dtypes |= ddt
+                        num = len(programs)
+                    elif len(programs) != num:
+                        raise ValueError(f"layer {layer}: tensor {name!r} has {len(programs)} experts, the layer's "
+                                         f"other tensors have {num}")
+                    shapes[name], plans[name] = programs[0].shape, programs
+                    if name not in own:
+                        disk_dtypes |= {p.dtype for p in programs}
                 if exp is not None:
                     if exp.num_experts != num or exp.shapes != shapes:
                         raise ValueError(
                             f"layer {layer}: checkpoint gives {num} experts with shapes {shapes}, "
                             f"the model expects {exp.num_experts} experts with shapes {exp.shapes}"
                         )
-                target = dtype or (exp.dtype if exp is not None else None)
+                target = (dtype.get(layer) if isinstance(dtype, Mapping) else dtype) or (
+                    exp.dtype if exp is not None else None)
                 if target is None:
-                    if len(disk_dtypes) != 1:
+                    if None in disk_dtypes or len(disk_dtypes) > 1:
                         raise ValueError(
-                            f"layer {layer}: expert tensors have mixed dtypes {sorted(map(str, disk_dtypes))} "
-                            "in the checkpoint; pass dtype= to convert them to one"
+                            f"layer {layer}: expert tensors have mixed dtypes "
+                            f"{sorted(map(str, disk_dtypes - {None}))} in the checkpoint; pass dtype= to convert "
+                            "them to one"
                         )
-                    (target,) = disk_dtypes
-                specs[layer] = ExpertSpec(num, shapes, target)
+                    (target,) = disk_dtypes or set(own.values())
+                specs[layer] = ExpertSpec(num, shapes, target, dtypes=own)
                 self._plans[layer] = plans
+                for programs in plans.values():
+                    for prog in programs:
+                        for sl in slices_of(prog):
+                            self._open(sl.file, sl.key, sl.offset + sl.nbytes)
         except BaseException:
             self._close_fds(self._fds)
             raise
@@ -540,87 +613,87 @@ class SafetensorsExpertStore(ExpertStore):
 
     # -- construction helpers
 
+    def _open(self, file: str, name: str, end: int) -> None:
+        size = self._sizes.get(file)
+        if size is None:
+            if not os.path.isfile(file):
+                raise ValueError(f"checkpoint file {file} does not exist")
+            size = self._sizes[file] = os.path.getsize(file)
+        if size < end:
+            raise ValueError(f"checkpoint {file} is truncated: tensor {name!r} needs bytes up to {end} "
+                             f"but the file has {size}")
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
     def _entry(self, file: str, name: str) -> TensorEntry:
         file = os.fspath(file)
         entry = _read_header(file, self._headers).get(name)
         if entry is None:
             raise ValueError(f"tensor {name!r} missing from {file}")
-        size = self._sizes.get(file)
-        if size is None:
-            size = self._sizes[file] = os.path.getsize(file)
-        if size < entry.end:
-            raise ValueError(
-                f"checkpoint {file} is truncated: tensor {name!r} needs bytes up to {entry.end} "
-                f"but the file has {size}"
-            )
-        if file not in self._fds:
-            self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return entry
 
     @staticmethod
-    def _piece_shape(shape: tuple[int, ...], transpose: bool, file: str, name: str) -> tuple[int, ...]:
-        if not transpose:
-            return shape
-        if len(shape) < 2:
-            raise ValueError(f"tensor {name!r} in {file} has shape {list(shape)}: cannot transpose its last two dims")
-        return shape[:-2] + (shape[-1], shape[-2])
+    def _check_programs(layer: int, name: str, programs) -> tuple[Node, ...]:
+        programs = tuple(programs)
+        for e, prog in enumerate(programs):
+            if not isinstance(prog, Node):
+                raise ValueError(f"layer {layer} tensor {name!r} expert {e}: expected a read program, got "
+                                 f"{type(prog).__name__}")
+            if prog.shape != programs[0].shape:
+                raise ValueError(f"layer {layer} tensor {name!r}: expert {e} has shape {list(prog.shape)} "
+                                 f"({describe(prog)}), expert 0 has {list(programs[0].shape)} "
+                                 f"({describe(programs[0])})")
+        return programs
 
-    def _plan(self, layer: int, name: str, src: TensorSource):
-        """-> (per-expert shape, [expert][pieces], set of on-disk dtypes)."""
-        if not isinstance(src, TensorSource):
-            raise ValueError(f"layer {layer} tensor {name!r}: expected a TensorSource, got {type(src).__name__}")
+    def _programs(self, layer: int, name: str, src: TensorSource) -> tuple[Node, ...]:
+        """A :class:`TensorSource` as one read program per expert."""
+
+        def piece(file, tname):
+            entry = self._entry(file, tname)
+            node = FileSlice(entry.file, tname, entry.begin, entry.end - entry.begin, entry.shape, entry.dtype)
+            return self._transposed(node, src.transpose)
+
         if src.fused is not None:
             file, tname = src.fused
             entry = self._entry(file, tname)
             if len(entry.shape) < 1:
                 raise ValueError(f"tensor {tname!r} in {file} is 0-dim: a fused expert tensor needs an expert axis")
-            num, row = entry.shape[0], entry.shape[1:]
-            row_bytes = _numel(row) * _itemsize(entry.dtype)
-            out_shape = self._piece_shape(row, src.transpose, file, tname)
-            rows = (0, out_shape[0]) if out_shape else (0, 0)
-            plan = [
-                [_Piece(entry.file, tname, entry.begin + e * row_bytes, row_bytes, row, entry.dtype, rows, src.transpose)]
-                for e in range(num)
-            ]
-            return out_shape, plan, {entry.dtype}
-        plan, shape, dtypes = [], None, set()
+            whole = FileSlice(entry.file, tname, entry.begin, entry.end - entry.begin, entry.shape, entry.dtype)
+            out = []
+            for e in range(entry.shape[0]):
+                row = whole.row(e, 1)
+                row = FileSlice(row.file, row.key, row.offset, row.nbytes, entry.shape[1:], row.dtype)
+                out.append(self._transposed(row, src.transpose))
+            return tuple(out)
         if len(src.per_expert) == 0:
             raise ValueError(f"layer {layer} tensor {name!r}: per_expert lists no experts")
+        out = []
         for e, pieces in enumerate(src.per_expert):
             if len(pieces) == 0:
                 raise ValueError(f"layer {layer} tensor {name!r}: expert {e} has no pieces")
-            out_pieces, r0, rest = [], 0, None
-            for file, tname in pieces:
-                entry = self._entry(file, tname)
-                pshape = self._piece_shape(entry.shape, src.transpose, file, tname)
-                if len(pshape) < 1:
-                    if len(pieces) > 1:
-                        raise ValueError(f"tensor {tname!r} in {file} is 0-dim: cannot concatenate it along dim 0")
-                    rows = (0, 0)
-                else:
-                    if rest is None:
-                        rest = pshape[1:]
-                    elif pshape[1:] != rest:
-                        raise ValueError(
-                            f"layer {layer} tensor {name!r} expert {e}: piece {tname!r} in {file} has shape "
-                            f"{list(pshape)}, which cannot be concatenated along dim 0 with trailing dims {list(rest)}"
-                        )
-                    rows = (r0, r0 + pshape[0])
-                    r0 += pshape[0]
-                dtypes.add(entry.dtype)
-                out_pieces.append(
-                    _Piece(entry.file, tname, entry.begin, entry.end - entry.begin, entry.shape, entry.dtype, rows,
-                           src.transpose)
-                )
-            eshape = (r0, *rest) if rest is not None else ()
-            if shape is None:
-                shape = eshape
-            elif eshape != shape:
-                raise ValueError(
-                    f"layer {layer} tensor {name!r}: expert {e} has shape {list(eshape)}, expert 0 has {list(shape)}"
-                )
-            plan.append(out_pieces)
-        return shape, plan, dtypes
+            nodes = [piece(f, t) for f, t in pieces]
+            if len(nodes) == 1:
+                out.append(nodes[0])
+                continue
+            for (f, t), n in zip(pieces, nodes):
+                if len(n.shape) < 1:
+                    raise ValueError(f"tensor {t!r} in {f} is 0-dim: cannot concatenate it along dim 0")
+                if n.shape[1:] != nodes[0].shape[1:]:
+                    raise ValueError(
+                        f"layer {layer} tensor {name!r} expert {e}: piece {t!r} in {f} has shape {list(n.shape)}, "
+                        f"which cannot be concatenated along dim 0 with trailing dims {list(nodes[0].shape[1:])}")
+            out.append(Cat(0, tuple(nodes)))
+        return self._check_programs(layer, name, out)
+
+    @staticmethod
+    def _transposed(node: Node, transpose: bool) -> Node:
+        if not transpose:
+            return node
+        n = len(node.shape)
+        if n < 2:
+            raise ValueError(f"tensor {node.key!r} in {node.file} has shape {list(node.shape)}: cannot transpose "
+                             "its last two dims")
+        return Transpose(n - 2, n - 1, node)
 
     @staticmethod
     def _close_fds(fds: dict[str, int]) -> None:
@@ -633,28 +706,22 @@ class SafetensorsExpertStore(ExpertStore):
 
     # -- reading
 
+    def programs(self, layer: int, name: str) -> tuple[Node, ...]:
+        """The read programs of tensor ``name`` of ``layer`` (one per expert)."""
+        return self._plans[layer][name]
+
     def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> None:
         spec = self._check_key(layer, expert)
         _check_out(spec, layer, out)
         fds = self._fds
         if not fds:
             raise RuntimeError("SafetensorsExpertStore is closed")
-        for name, plans in self._plans[layer].items():
-            dest_full = out[name]
-            for p in plans[expert]:
-                dest = dest_full if dest_full.dim() == 0 else dest_full[p.rows[0]:p.rows[1]]
-                fd = fds[p.fd_key]
-                if (not p.transpose and dest.dtype == p.dtype and dest.device.type == "cpu"
-                        and dest.is_contiguous()):
-                    # no conversion: the bytes land straight in the destination's memory
-                    _pread_into(fd, p.fd_key, _bytes_view(dest), p.offset)
-                    continue
-                tmp = torch.empty(p.shape, dtype=p.dtype)
-                _pread_into(fd, p.fd_key, _bytes_view(tmp), p.offset)
-                if p.transpose:
-                    tmp = tmp.transpose(-1, -2)
-                with torch.no_grad():
-                    dest.copy_(tmp.reshape(dest.shape) if dest.dim() == 0 else tmp)
+
+        def read(file: str, buf: memoryview, offset: int) -> None:
+            _pread_into(fds[file], file, buf, offset)
+
+        for name, programs in self._plans[layer].items():
+            write_into(programs[expert], out[name], read)
 
     def close(self) -> None:
         self._finalizer()

@@ -178,6 +178,10 @@ FAMILY_OVERRIDES: dict[str, tuple[dict, str]] = {
                       encoder_attention_heads=4, decoder_attention_heads=4, num_experts=8, expert_capacity=64,
                       encoder_sparse_step=1, decoder_sparse_step=1, vocab_size=128, max_position_embeddings=64),
                  "encoder-decoder; fairseq names (d_model/encoder_ffn_dim/encoder_layers)"),
+    "inkling2_text": (dict(unpadded_vocab_size=128),
+                      "the LM head has unpadded_vocab_size rows (default 200058, more than the tiny vocab_size: "
+                      "save_pretrained's re-padding to vocab_size would fail)"),
+    "inkling2_loop_text": (dict(unpadded_vocab_size=128), "as inkling2_text"),
     "lfm2_moe": (dict(layer_types=["conv", "full_attention"]),
                  "layer_types defaults to None and is required to place conv vs attention layers"),
 }

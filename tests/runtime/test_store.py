@@ -261,3 +261,74 @@ def test_fault_injecting_store():
     assert s.reads[(0, 1)] == 3 and s.failures == 2
     only_worker = FaultInjectingStore(inner, [(0, 2)], thread_prefix="some-other-thread")
     only_worker.read(0, 2)                                    # main thread: no fault
+
+
+def _rewrite_header(path, edit):
+    """Rewrite a safetensors file's JSON header with ``edit(header)``; the data section stays."""
+    import struct
+
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def test_overlapping_data_offsets_are_refused(tmp_path):
+    """One expert reading another's bytes: refused when the header is parsed, naming both
+    tensors and the file (the safetensors library refuses such a file too)."""
+    f = str(tmp_path / "model.safetensors")
+    save_file({P.format(0) + "up": _rand(E, 2 * I, H), P.format(0) + "down": _rand(E, H, I),
+               "w.a": _rand(3, 4), "w.b": _rand(3, 4)}, f)
+    before = safetensors_index(f)          # a healthy file parses
+
+    def overlap(h):
+        a = h["w.a"]["data_offsets"]
+        h["w.b"]["data_offsets"] = [a[0] + 8, a[1] + 8]
+
+    _rewrite_header(f, overlap)
+    with pytest.raises(ValueError, match="overlap") as info:
+        safetensors_index(f)
+    assert f in str(info.value) and "'w.a'" in str(info.value) and "'w.b'" in str(info.value)
+    with pytest.raises(ValueError, match="overlap"):
+        SafetensorsExpertStore({0: {"up": TensorSource(fused=(f, P.format(0) + "up"))}})
+    assert len(before) == 4
+
+
+def test_data_offsets_past_the_file_are_refused(tmp_path):
+    f = str(tmp_path / "model.safetensors")
+    save_file({"a": _rand(3, 4), "b": _rand(2, 2)}, f)
+    size = os.path.getsize(f)
+
+    def beyond(h):
+        b = h["b"]["data_offsets"]
+        h["b"]["data_offsets"] = [b[0] + size, b[1] + size]
+
+    _rewrite_header(f, beyond)
+    with pytest.raises(ValueError, match=r"truncated: tensor 'b' needs bytes up to") as info:
+        safetensors_index(f)
+    assert f in str(info.value)
+
+
+def test_spec_per_tensor_dtypes():
+    """A quantized layer: FP8 values and float32 scales in one slot; bytes counted as held."""
+    fp8 = torch.float8_e4m3fn
+    spec = ExpertSpec(8, {"up": (96, 32), "up_scale_inv": (6, 2), "down": (32, 48), "down_scale_inv": (2, 3)},
+                      torch.bfloat16, dtypes={"up": fp8, "down": fp8, "up_scale_inv": torch.float32,
+                                              "down_scale_inv": torch.float32})
+    assert spec.quantized
+    assert spec.expert_nbytes() == 96 * 32 + 6 * 2 * 4 + 32 * 48 + 2 * 3 * 4
+    lay = {name: (off, dt) for name, off, _, dt in spec.layout()}
+    assert lay["up"] == (0, fp8) and lay["up_scale_inv"][1] == torch.float32
+    assert all(off % 64 == 0 for off, _ in lay.values())
+    assert spec.slot_nbytes() >= spec.expert_nbytes()
+    plain = ExpertSpec(8, {"up": (4, 2)}, torch.float32, dtypes={"up": torch.float32})
+    assert plain == ExpertSpec(8, {"up": (4, 2)}, torch.float32) and not plain.quantized and plain.dtypes == {}
+    with pytest.raises(ValueError, match="names 'gate'"):
+        ExpertSpec(8, {"up": (4, 2)}, torch.float32, dtypes={"gate": torch.float32})
+    # a store hands out tensors of each one's own dtype
+    f = torch.zeros(8, 4, 2, dtype=fp8)
+    st = TensorExpertStore({0: {"up": f}})
+    assert st.read(0, 3)["up"].dtype == fp8
