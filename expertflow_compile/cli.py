@@ -382,8 +382,9 @@ def cmd_bench(args) -> int:
     _moe_config(path)
     try:
         bw = bench.parse_bandwidth(args.link_bandwidth)
-    except ValueError as exc:
-        raise CLIError(f"--link-bandwidth {args.link_bandwidth!r}: {exc}") from None
+    except ValueError:
+        raise CLIError(f"--link-bandwidth {args.link_bandwidth!r} is not valid; give bytes per second > 0 like "
+                       "'16GB/s', '500MB/s' or '2GiB/s'") from None
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if not budgets:
         raise CLIError(f"--budgets {args.budgets!r} names no budget; give e.g. '12.5%,25%,50%'")
@@ -406,6 +407,9 @@ def cmd_bench(args) -> int:
         if not wants_file:
             raise CLIError("--predictor-path is read only by the ef-path / ef-oracle modes; add one to --modes")
         _existing_file("--predictor-path", args.predictor_path, "a path-predictor file or a routing trace")
+    if "hf-accelerate" in modes and any(not b.endswith("%") for b in budgets):
+        raise CLIError(f"--budgets {args.budgets!r}: the hf-accelerate mode takes shares only (like '25%'); "
+                       "leave it out of --modes for byte or int budgets")
     if "hf-accelerate" in modes and not _importable("accelerate"):
         if explicit:
             raise CLIError("--modes hf-accelerate needs the accelerate package: "

@@ -90,7 +90,9 @@ CASES = [
     ("run --no-such-flag", "--no-such-flag", "unrecognized"),
     # bench
     ("bench --link-bandwidth fast", "--link-bandwidth", "16GB/s"),
-    ("bench --link-bandwidth 0GB/s", "--link-bandwidth", "1 byte"),
+    ("bench --link-bandwidth 0GB/s", "--link-bandwidth", "> 0"),
+    ("bench --link-bandwidth 25%/s", "--link-bandwidth", "16GB/s"),
+    ("bench --budgets 2GiB", "--budgets", "hf-accelerate mode takes shares only"),
     ("bench --budgets lots", "--budgets", "25%"),
     ("bench --budgets ,", "--budgets", "12.5%"),
     ("bench --budgets 25%,0", "--budgets", ">= 1"),
