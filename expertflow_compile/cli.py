@@ -410,15 +410,17 @@ def cmd_bench(args) -> int:
     if "hf-accelerate" in modes and any(not b.endswith("%") for b in budgets):
         raise CLIError(f"--budgets {args.budgets!r}: the hf-accelerate mode takes shares only (like '25%'); "
                        "leave it out of --modes for byte or int budgets")
-    if "hf-accelerate" in modes and not _importable("accelerate"):
+    dropped = "hf-accelerate" in modes and not _importable("accelerate")
+    if dropped:
         if explicit:
             raise CLIError("--modes hf-accelerate needs the accelerate package: "
                            "pip install 'expertflow-compile[bench]' (or leave that mode out)")
         modes.remove("hf-accelerate")
-        print("expertflow bench: no hf-accelerate rows (accelerate is not installed: "
-              "pip install 'expertflow-compile[bench]')", file=sys.stderr)
     if os.path.isfile(args.out):
         raise CLIError(f"--out {args.out!r} is a file; give a folder for bench.json and bench.png")
+    if dropped:   # after every check: a bad argument stays one line
+        print("expertflow bench: no hf-accelerate rows (accelerate is not installed: "
+              "pip install 'expertflow-compile[bench]')", file=sys.stderr)
     rows = bench.run_bench(path, budgets, modes, args.new_tokens, link_bandwidth=bw,
                            predictor_path=args.predictor_path)
     link = f", emulated link {args.link_bandwidth} (EMULATED: loads sleep bytes/bandwidth)" if bw else ""
@@ -503,6 +505,7 @@ def _routing_source(args, trace) -> str:
 
 def cmd_simulate(args) -> int:
     import json
+    import math
 
     from . import simulate as sim
 
@@ -519,6 +522,11 @@ def cmd_simulate(args) -> int:
         raise CLIError(f"--model {args.model!r} is neither a known shape ({', '.join(sim.SHAPES)}) "
                        "nor a config.json path")
     budgets = _simulate_budgets(args.budgets)
+    least = shape.top_k / (shape.num_layers * shape.num_experts)      # one layer's top-k experts
+    small = [b for b in budgets if math.floor(b * shape.num_layers * shape.num_experts + 1e-9) < shape.top_k]
+    if small:
+        raise CLIError(f"--budgets {args.budgets!r}: {small[0] * 100:g}% is below what one MoE layer of {shape.name} "
+                       f"needs at once (its top-{shape.top_k} experts: >= {math.ceil(least * 10000) / 100:g}%)")
     if args.json:
         _output_file("--json", args.json)
     trace = _load_trace("--trace", args.trace) if args.trace else _heldout_trace(args.tokens)

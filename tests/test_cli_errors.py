@@ -112,6 +112,7 @@ CASES = [
     ("simulate --budgets 25%,150%", "--budgets", "'150%'"),
     ("simulate --budgets 25", "--budgets", "'12.5%,25%,50%'"),
     ("simulate --budgets 2GiB", "--budgets", "(0%, 100%]"),
+    ("simulate --budgets 25%,0.5%", "--budgets", "0.5% is below what one MoE layer of mixtral-8x7b needs"),
     ("simulate --hardware abacus", "--hardware", "rtx4090-pcie4"),
     ("simulate --model nosuch", "--model", "mixtral-8x7b"),
     ("simulate --model {garbage}", "--model", "config.json"),
