@@ -8,8 +8,10 @@ grouped-GEMM nodes served by an expert cache. See the README.
 from .api import explain, reset_stats, stats
 from .backend import expertflow_backend
 from .config import ExpertFlowConfig
+from .errors import InferenceOnlyError, OptionError
 from .loading import from_pretrained
 from .runtime.trace import record_routing
 
-__all__ = ["explain", "stats", "reset_stats", "expertflow_backend", "ExpertFlowConfig", "from_pretrained", "record_routing"]
+__all__ = ["explain", "stats", "reset_stats", "expertflow_backend", "ExpertFlowConfig", "OptionError",
+           "InferenceOnlyError", "from_pretrained", "record_routing"]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch.fx as fx
 
 from .config import ExpertFlowConfig
+from .errors import OptionError
 from .passes.lookahead import plan_lookahead
 from .passes.match import MoEBlock, find_moe_blocks
 from .passes.report import BlockReport, GraphReport
@@ -177,9 +178,13 @@ def compile_graph(
 
 
 def expertflow_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **kwargs):
-    """The torch.compile backend (``backend="expertflow"``)."""
+    """The torch.compile backend (``backend="expertflow"``).
+
+    Dynamo calls it at a compiled model's first call; a bad option (or a budget too small
+    for the model) raises :class:`~expertflow_compile.errors.OptionError`, which Dynamo
+    passes through unwrapped (``except ValueError`` catches it there)."""
     if kwargs:
-        raise ValueError(f"unexpected arguments to the expertflow backend: {sorted(kwargs)}; pass "
+        raise OptionError(f"unexpected arguments to the expertflow backend: {sorted(kwargs)}; pass "
                          f"options=dict(...) with keys {ExpertFlowConfig.valid_keys()}")
     config = ExpertFlowConfig.from_options(options)
     gm, _, _ = compile_graph(gm, example_inputs, config, _current_sink(),

@@ -2,7 +2,8 @@
 
 Every (mode, budget) runs in its own subprocess (clean Dynamo state, 1 thread, its own
 peak RSS) over the same prompts; results are gathered into one table, a JSON and a
-PNG. ``link_bandwidth`` (bytes/s) emulates a slower host-device link for expertflow's
+PNG (the PNG only with matplotlib, and ``hf-accelerate`` only with accelerate: both are
+in the ``bench`` extra). ``link_bandwidth`` (bytes/s) emulates a slower host-device link for expertflow's
 expert loads: each load sleeps ``bytes / bandwidth`` (on the prefetch worker for
 prefetches, in the compute thread for demand loads), so a CPU run shows what
 prefetching hides. Rows with an emulated link are labelled so.
@@ -207,8 +208,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], png: str, title: str) -> None:
-    import matplotlib
+def plot(rows: list[dict], png: str, title: str) -> str | None:
+    """Write the PNG (tokens/s and hit rate over budgets); returns None, or why there is no
+    PNG (matplotlib, in the ``bench`` extra, is optional: the table and JSON never need it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install 'expertflow-compile[bench]')"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -238,6 +244,7 @@ def plot(rows: list[dict], png: str, title: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
+    return None
 
 
 if __name__ == "__main__":   # one job, run by run_bench in a subprocess

@@ -8,11 +8,19 @@ Subcommands:
   graph   compile a model with the backend and print what was matched and rewritten
   simulate  project tokens/s and memory for real model sizes on a hardware profile
   trace / train-predictor / eval   routing traces and expert predictors
+
+Bad input: every bad argument is one line on stderr, ``expertflow <command>: error:
+<argument> <value>: <what is valid>``, and exit code 2, never a traceback. Values argparse
+can check (ints, choices) are checked by their ``type=``; what needs a file or the model is
+checked by the command before any long work, and errors raised deeper for a user's input
+(a budget too small for the model, a checkpoint that does not load, a trace of another
+model) are caught where that argument is used and re-raised as :class:`CLIError` naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -21,6 +29,106 @@ __all__ = ["main"]
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``expertflow run: error: argument ...``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int; give an int >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not valid; give an int >= {low}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a number > 0") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not valid; give a finite number > 0")
+    return value
+
+
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
+
+
+def _existing_file(arg: str, path: str, what: str) -> str:
+    """``path`` must be a readable file: else a CLIError naming ``arg``."""
+    if os.path.isdir(path):
+        raise CLIError(f"{arg} {path!r} is a directory; give {what}")
+    if not os.path.isfile(path):
+        raise CLIError(f"{arg} {path!r} does not exist; give {what}")
+    return path
+
+
+def _output_file(arg: str, path: str) -> str:
+    """A file to write: not a directory; its folder is created."""
+    if os.path.isdir(path):
+        raise CLIError(f"{arg} {path!r} is a directory; give the path of a file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"{arg} {path!r}: cannot create its folder ({_first_line(exc)})") from None
+    return path
+
+
+def _read_text(arg: str, path: str) -> str:
+    _existing_file(arg, path, "a UTF-8 text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{arg} {path!r} is not readable UTF-8 text ({_first_line(exc)})") from None
+
+
+def _load_trace(arg: str, path: str, model=None):
+    """A routing trace file (refused when recorded on another model, with ``model``)."""
+    from .runtime.trace import RoutingTrace
+
+    _existing_file(arg, path, "a routing trace (expertflow trace --out FILE)")
+    try:
+        trace = RoutingTrace.load(path, model=model)
+    except Exception as exc:  # noqa: BLE001  (whatever the file holds, it is the user's file)
+        raise CLIError(f"{arg} {path!r} is not a usable routing trace ({_first_line(exc)})") from None
+    if trace.num_tokens == 0 or not trace.layers:
+        raise CLIError(f"{arg} {path!r} holds no routed tokens; record a trace of some text first")
+    return trace
+
+
+def _load_predictor(arg: str, path: str, model):
+    from .runtime.predictors import PathPredictor
+
+    _existing_file(arg, path, "a path-predictor file (expertflow train-predictor --out FILE)")
+    try:
+        return PathPredictor.load(path, model=model)
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"{arg} {path!r} is not a usable path predictor ({_first_line(exc)})") from None
 
 
 def _load_model(args):
@@ -32,16 +140,19 @@ def _load_model(args):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if not os.path.isdir(args.model):
-            raise CLIError(f"model path {args.model!r} is not a directory")
+            raise CLIError(f"--model {args.model!r}: model path is not a directory")
         try:
             AutoConfig.from_pretrained(args.model)
         except Exception as exc:  # noqa: BLE001  (any load failure is a user error here)
-            raise CLIError(f"cannot read a transformers config from {args.model!r}: {exc}") from None
+            raise CLIError(f"--model {args.model!r}: cannot read a transformers config ({_first_line(exc)})") from None
         kwargs = {"experts_implementation": args.impl} if args.impl else {}
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kwargs).eval()
-        return model
+        try:
+            with _quiet_loading():
+                return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **kwargs).eval()
+        except Exception as exc:  # noqa: BLE001
+            raise CLIError(f"--model {args.model!r}: cannot load the checkpoint ({_first_line(exc)})") from None
     if args.family not in FAMILIES:
-        raise CLIError(f"unknown family {args.family!r}; known: {', '.join(sorted(FAMILIES))}")
+        raise CLIError(f"--family {args.family!r} is unknown; known: {', '.join(sorted(FAMILIES))}")
     return build_tiny_model(args.family, experts_implementation=args.impl)
 
 
@@ -51,6 +162,9 @@ def cmd_graph(args) -> int:
     from . import explain
 
     model = _load_model(args)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and args.seq_len > limit:
+        raise CLIError(f"--seq-len {args.seq_len} exceeds the model's context of {limit} tokens")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
     report = explain(model, ids)
@@ -67,24 +181,54 @@ SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny_mixtral"
 def _shipped_or(path: str | None) -> str:
     path = path or SHIPPED_MODEL
     if not os.path.isdir(path):
-        raise CLIError(f"model path {path!r} is not a directory")
+        raise CLIError(f"--model {path!r}: model path is not a directory")
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise CLIError(f"{path!r} has no config.json: not a Hugging Face checkpoint")
+        raise CLIError(f"--model {path!r} has no config.json: not a Hugging Face checkpoint")
     return path
 
 
-def _load_checkpoint(path: str):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _moe_config(path: str):
+    """The checkpoint's transformers config; a CLIError naming --model unless it is a MoE model."""
+    from transformers import AutoConfig
 
     try:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
-        raise CLIError(f"cannot read a transformers config from {path!r}: {exc}") from None
-    if not any(hasattr(cfg, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
-        raise CLIError(f"{path!r} is not a Mixture-of-Experts model ({type(cfg).__name__} has no experts)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+        raise CLIError(f"--model {path!r}: cannot read a transformers config ({_first_line(exc)})") from None
+    if not any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise CLIError(f"--model {path!r} is not a Mixture-of-Experts model ({type(cfg).__name__} has no experts)")
+    return cfg
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading weights" bar from transformers while the CLI loads a (small) checkpoint:
+    stderr is for our one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_checkpoint(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _moe_config(path)
+    try:
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except Exception as exc:  # noqa: BLE001  (a truncated or foreign checkpoint is the user's input)
+        raise CLIError(f"--model {path!r}: cannot load the checkpoint ({_first_line(exc)})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"--model {path!r}: cannot load its tokenizer ({_first_line(exc)})") from None
     return model, tok
 
 
@@ -94,7 +238,7 @@ def _generate(model, ids, max_new_tokens: int, desc: str):
     from tqdm import tqdm
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False)
+    bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False, disable=None)   # only on a terminal
 
     class _Tick(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
@@ -117,23 +261,26 @@ def _run_batched(args, path: str, options: dict) -> int:
     import expertflow_compile as ef
     from .schedule import generate_batched
 
-    if not os.path.isfile(args.prompts_file):
-        raise CLIError(f"prompts file {args.prompts_file!r} does not exist")
-    lines = [ln.strip() for ln in open(args.prompts_file, encoding="utf-8") if ln.strip()]
+    text = _read_text("--prompts-file", args.prompts_file)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
-        raise CLIError(f"prompts file {args.prompts_file!r} has no prompts")
+        raise CLIError(f"--prompts-file {args.prompts_file!r} has no prompts; give one prompt per line")
     model, tok = _load_checkpoint(path)
     prompts = [tok(ln, return_tensors="pt").input_ids[0] for ln in lines]
+    empty = [i for i, p in enumerate(prompts) if p.numel() == 0]
+    if empty:
+        raise CLIError(f"--prompts-file {args.prompts_file!r}: prompt {empty[0] + 1} has no tokens")
     limit = model.config.max_position_embeddings
     too_long = [i for i, p in enumerate(prompts) if p.numel() + args.max_new_tokens > limit]
     if too_long:
-        raise CLIError(f"prompt {too_long[0] + 1} exceeds the model's context of {limit} tokens with "
-                       f"{args.max_new_tokens} new tokens")
+        raise CLIError(f"--prompts-file: prompt {too_long[0] + 1} exceeds the model's context of {limit} tokens with "
+                       f"--max-new-tokens {args.max_new_tokens}")
     refs = [model.generate(p[None], max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                            do_sample=False, pad_token_id=0)[0, p.numel():] for p in prompts]
     model.compile(backend="expertflow", options=options)
-    res = generate_batched(model, prompts, batch_size=args.batch_size, schedule=args.schedule,
-                           max_new_tokens=args.max_new_tokens)
+    with _budget_is_the_cause(args.budget):
+        res = generate_batched(model, prompts, batch_size=args.batch_size, schedule=args.schedule,
+                               max_new_tokens=args.max_new_tokens)
     s = ef.stats(model)
     for line, out in zip(lines, res.outputs):
         print(f"> {line}\n{tok.decode(out, skip_special_tokens=True)}\n")
@@ -148,31 +295,50 @@ def _run_batched(args, path: str, options: dict) -> int:
     return 0
 
 
+def _budget_option(text: str):
+    """``--budget 3`` is the int form (experts per MoE layer, pooled); anything else a string."""
+    return int(text) if str(text).strip().isdigit() else text
+
+
+@contextlib.contextmanager
+def _budget_is_the_cause(budget: str):
+    """An OptionError raised while the model compiles is about --budget (the only option the
+    model can refuse): name the argument."""
+    from .errors import OptionError
+
+    try:
+        yield
+    except OptionError as exc:
+        raise CLIError(f"--budget {budget!r}: {exc}") from None
+
+
 def cmd_run(args) -> int:
     import torch
 
     import expertflow_compile as ef
-    from .config import ExpertFlowConfig
+    from .config import ExpertFlowConfig, OptionError
 
+    options = {"expert_budget": _budget_option(args.budget), "policy": args.policy, "predictor": args.predictor}
     try:
-        budget = int(args.budget) if str(args.budget).isdigit() else args.budget
-        options = {"expert_budget": budget, "policy": args.policy, "predictor": args.predictor}
         ExpertFlowConfig.from_options(options)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    except OptionError as exc:
+        raise CLIError(f"--budget {args.budget!r}: {exc}") from None
     path = _shipped_or(args.model)
     if args.prompts_file:
         return _run_batched(args, path, options)
     torch.manual_seed(0)
     model, tok = _load_checkpoint(path)
     ids = tok(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise CLIError(f"--prompt {args.prompt!r} has no tokens; give some text")
     limit = model.config.max_position_embeddings
     if ids.shape[1] + args.max_new_tokens > limit:
-        raise CLIError(f"prompt of {ids.shape[1]} tokens + {args.max_new_tokens} new tokens exceeds the "
+        raise CLIError(f"--prompt of {ids.shape[1]} tokens + --max-new-tokens {args.max_new_tokens} exceeds the "
                        f"model's context of {limit} tokens")
     ref, t_ref = _generate(model, ids, args.max_new_tokens, "fully resident")
     model.compile(backend="expertflow", options=options)
-    _generate(model, ids, 4, "compiling")   # compile (prefill, decode, dynamic shapes) outside the timed run
+    with _budget_is_the_cause(args.budget):   # the budget is checked against the model when it compiles
+        _generate(model, ids, 4, "compiling")   # compile (prefill, decode, dynamic shapes) outside the timed run
     ef.reset_stats(model)
     out, t_ours = _generate(model, ids, args.max_new_tokens, f"expertflow {args.budget}")
     s = ef.stats(model)
@@ -210,22 +376,51 @@ def cmd_bench(args) -> int:
     import json
 
     from . import bench
+    from .config import ExpertFlowConfig, OptionError
 
     path = _shipped_or(args.model)
+    _moe_config(path)
     try:
         bw = bench.parse_bandwidth(args.link_bandwidth)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
+    except ValueError:
+        raise CLIError(f"--link-bandwidth {args.link_bandwidth!r} is not valid; give bytes per second > 0 like "
+                       "'16GB/s', '500MB/s' or '2GiB/s'") from None
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        raise CLIError(f"--budgets {args.budgets!r} names no budget; give e.g. '12.5%,25%,50%'")
     for b in budgets:
         try:
-            ExpertFlowConfig_check(b)
-        except ValueError as exc:
-            raise CLIError(str(exc)) from None
-    modes = [m.strip() for m in args.modes.split(",")]
-    bad = [m for m in modes if m not in bench.MODES + ("ef-path", "ef-oracle")]
-    if bad:
-        raise CLIError(f"unknown mode(s) {bad}; modes: {', '.join(bench.MODES)}, ef-path, ef-oracle")
+            ExpertFlowConfig.from_options({"expert_budget": _budget_option(b)})
+        except OptionError as exc:
+            raise CLIError(f"--budgets: {b!r}: {exc}") from None
+    explicit = args.modes is not None
+    modes = [m.strip() for m in (args.modes or ",".join(bench.MODES)).split(",") if m.strip()]
+    valid = bench.MODES + ("ef-path", "ef-oracle")
+    bad = [m for m in modes if m not in valid]
+    if bad or not modes:
+        raise CLIError(f"--modes {args.modes!r}: unknown mode(s) {bad}; modes: {', '.join(valid)}")
+    wants_file = [m for m in modes if m in ("ef-path", "ef-oracle")]
+    if wants_file and not args.predictor_path:
+        raise CLIError(f"--modes {','.join(wants_file)} needs --predictor-path (a path-predictor file for ef-path, "
+                       "a routing trace for ef-oracle)")
+    if args.predictor_path:
+        if not wants_file:
+            raise CLIError("--predictor-path is read only by the ef-path / ef-oracle modes; add one to --modes")
+        _existing_file("--predictor-path", args.predictor_path, "a path-predictor file or a routing trace")
+    if "hf-accelerate" in modes and any(not b.endswith("%") for b in budgets):
+        raise CLIError(f"--budgets {args.budgets!r}: the hf-accelerate mode takes shares only (like '25%'); "
+                       "leave it out of --modes for byte or int budgets")
+    dropped = "hf-accelerate" in modes and not _importable("accelerate")
+    if dropped:
+        if explicit:
+            raise CLIError("--modes hf-accelerate needs the accelerate package: "
+                           "pip install 'expertflow-compile[bench]' (or leave that mode out)")
+        modes.remove("hf-accelerate")
+    if os.path.isfile(args.out):
+        raise CLIError(f"--out {args.out!r} is a file; give a folder for bench.json and bench.png")
+    if dropped:   # after every check: a bad argument stays one line
+        print("expertflow bench: no hf-accelerate rows (accelerate is not installed: "
+              "pip install 'expertflow-compile[bench]')", file=sys.stderr)
     rows = bench.run_bench(path, budgets, modes, args.new_tokens, link_bandwidth=bw,
                            predictor_path=args.predictor_path)
     link = f", emulated link {args.link_bandwidth} (EMULATED: loads sleep bytes/bandwidth)" if bw else ""
@@ -234,11 +429,21 @@ def cmd_bench(args) -> int:
     print(title)
     print(bench.format_table(rows))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
+    json_path = os.path.join(args.out, "bench.json")
+    with open(json_path, "w") as f:
         json.dump({"title": title, "rows": rows}, f, indent=1)
-    bench.plot(rows, os.path.join(args.out, "bench.png"), title)
-    print(f"wrote {os.path.join(args.out, 'bench.json')} and bench.png")
+    why_not = bench.plot(rows, os.path.join(args.out, "bench.png"), title)
+    if why_not:
+        print(f"wrote {json_path}; no bench.png: {why_not}")
+    else:
+        print(f"wrote {json_path} and bench.png")
     return 0
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _heldout_trace(tokens: int):
@@ -255,39 +460,76 @@ def _heldout_trace(tokens: int):
     seq = 64
     n = max(1, tokens // seq)
     if ids.numel() < n * seq:
-        raise CLIError(f"held-out text has only {ids.numel()} tokens")
+        raise CLIError(f"--tokens {tokens}: the held-out text has only {ids.numel()} tokens")
     batches = [ids[i * seq:(i + 1) * seq].unsqueeze(0) for i in range(n)]
-    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
     return record_routing(model, batches, progress=True)
+
+
+def _simulate_budgets(text: str) -> list[float]:
+    """``--budgets 12.5%,25%``: shares of all expert bytes in (0%, 100%]."""
+    from .runtime.budget import parse_budget
+
+    out = []
+    for part in [p.strip() for p in text.split(",")]:
+        try:
+            b = parse_budget(part) if part.endswith("%") else None
+        except ValueError:
+            b = None
+        if b is None:
+            raise CLIError(f"--budgets {text!r}: {part!r} is not a share; use shares in (0%, 100%] like "
+                           "'12.5%,25%,50%'")
+        out.append(b.value)
+    return out
+
+
+def _routing_source(args, trace) -> str:
+    """What routing the projection replays, for its assumptions."""
+    if not args.trace:
+        return (f"routing: the shipped model's routing recorded on {trace.num_tokens} held-out tokens, mapped onto "
+                "this shape (see `expertflow_compile/simulate.py`)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .runtime.trace import fingerprint
+
+    with _quiet_loading():
+        shipped = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32)
+    whose = ("the shipped model's routing" if trace.fingerprint and trace.fingerprint == fingerprint(shipped)
+             else f"routing of a {trace.meta.get('model_type') or 'unknown'} model (fingerprint "
+                  f"{(trace.fingerprint or 'none')[:16]}...), not the shipped model's")
+    return (f"routing: {whose}, from --trace {args.trace} ({trace.num_tokens} tokens, {len(trace.layers)} MoE layers, "
+            f"{max(trace.num_experts.values())} experts, top-{max(trace.top_k.values())}), mapped onto this shape")
 
 
 def cmd_simulate(args) -> int:
     import json
+    import math
 
     from . import simulate as sim
 
     if args.hardware not in sim.PROFILES:
-        raise CLIError(f"unknown hardware profile {args.hardware!r}; known: {', '.join(sim.PROFILES)}")
+        raise CLIError(f"--hardware {args.hardware!r} is unknown; known: {', '.join(sim.PROFILES)}")
     if args.model in sim.SHAPES:
         shape = sim.SHAPES[args.model]
     elif os.path.isfile(args.model):
         try:
             shape = sim.shape_from_config(args.model)
-        except (KeyError, ValueError) as exc:
-            raise CLIError(f"{args.model}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001  (the user's config file)
+            raise CLIError(f"--model {args.model!r} is not a usable MoE config.json ({_first_line(exc)})") from None
     else:
         raise CLIError(f"--model {args.model!r} is neither a known shape ({', '.join(sim.SHAPES)}) "
                        "nor a config.json path")
-    try:
-        budgets = [float(b.strip().rstrip("%")) / 100 for b in args.budgets.split(",")]
-    except ValueError:
-        raise CLIError(f"--budgets {args.budgets!r}: use shares like '12.5%,25%,50%'") from None
-    if args.trace:
-        from .runtime.trace import RoutingTrace
-
-        trace = RoutingTrace.load(args.trace)
-    else:
-        trace = _heldout_trace(args.tokens)
+    budgets = _simulate_budgets(args.budgets)
+    least = shape.top_k / (shape.num_layers * shape.num_experts)      # one layer's top-k experts
+    small = [b for b in budgets if math.floor(b * shape.num_layers * shape.num_experts + 1e-9) < shape.top_k]
+    if small:
+        raise CLIError(f"--budgets {args.budgets!r}: {small[0] * 100:g}% is below what one MoE layer of {shape.name} "
+                       f"needs at once (its top-{shape.top_k} experts: >= {math.ceil(least * 10000) / 100:g}%)")
+    if args.json:
+        _output_file("--json", args.json)
+    trace = _load_trace("--trace", args.trace) if args.trace else _heldout_trace(args.tokens)
     profile = sim.PROFILES[args.hardware]
     rows = sim.simulate(trace, shape, profile, budgets, batch=args.batch, max_tokens=args.tokens)
     print(f"expertflow simulate: {shape.name} on {profile.name}, batch {args.batch} "
@@ -301,43 +543,41 @@ def cmd_simulate(args) -> int:
         print(f"{r['budget']:>7} {r['predictor']:<22}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>11.3f}"
               f"{r['device_GiB']:>11.1f}{str(r['fits']):>6}{r['ready_rate']:>7.3f}{r['loads_per_token']:>10.2f}"
               f"{r['stall_share']:>7.2f}")
+    notes = [a for a in sim.assumptions(shape, profile) if not a.startswith("routing:")] + [_routing_source(args, trace)]
     print("assumptions:")
-    for a in sim.assumptions(shape, profile):
+    for a in notes:
         print(f"  - {a}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": shape.__dict__, "profile": profile.__dict__, "rows": rows,
-                       "assumptions": sim.assumptions(shape, profile)}, f, indent=1)
+                       "assumptions": notes}, f, indent=1)
     return 0
 
 
-def ExpertFlowConfig_check(budget: str) -> None:
-    from .config import ExpertFlowConfig
-
-    ExpertFlowConfig.from_options({"expert_budget": int(budget) if budget.isdigit() else budget})
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="expertflow", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .config import POLICIES
+
+    p = _Parser(prog="expertflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate under an expert budget and print cache statistics")
     r.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
-    r.add_argument("--budget", default="25%", help='expert budget: "25%%", "2MiB" or experts per layer')
-    r.add_argument("--policy", default="lru", help="cache policy: lru, lfu or predictive")
-    r.add_argument("--predictor", default="lookahead", help="expert predictor: none or lookahead")
+    r.add_argument("--budget", default="25%",
+                   help='expert budget: "25%%", "2MiB", or an int n (n x MoE layers slots, shared by all layers)')
+    r.add_argument("--policy", default="lru", choices=POLICIES, help="cache policy")
+    r.add_argument("--predictor", default="lookahead", choices=("none", "lookahead"), help="expert predictor")
     r.add_argument("--prompt", default="The Python standard library", help="the prompt")
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--max-new-tokens", type=_positive_int, default=32)
     r.add_argument("--prompts-file", default=None, help="many prompts, one per line (batched generation)")
-    r.add_argument("--batch-size", type=int, default=8, help="with --prompts-file")
+    r.add_argument("--batch-size", type=_positive_int, default=8, help="with --prompts-file")
     r.add_argument("--schedule", default="routing", choices=["routing", "arrival"],
                    help="with --prompts-file: group prompts by routing, or keep arrival order")
     r.set_defaults(func=cmd_run)
     b = sub.add_parser("bench", help="side-by-side decode benchmark: HF resident, accelerate, expertflow")
     b.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
     b.add_argument("--budgets", default="12.5%,25%,50%", help="comma-separated expert budgets")
-    b.add_argument("--modes", default=",".join(("hf-resident", "hf-accelerate", "ef-lru", "ef-lookahead")))
-    b.add_argument("--new-tokens", type=int, default=16)
+    b.add_argument("--modes", default=None, help="comma-separated, from hf-resident, hf-accelerate, ef-lru, "
+                   "ef-lookahead, ef-path, ef-oracle (default: the first four; hf-accelerate needs the bench extra)")
+    b.add_argument("--new-tokens", type=_positive_int, default=16)
     b.add_argument("--link-bandwidth", default=None, help='emulate a host-device link, e.g. "2GB/s"')
     b.add_argument("--predictor-path", default=None, help="for ef-path / ef-oracle modes")
     b.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
@@ -346,9 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="mixtral-8x7b",
                    help="mixtral-8x7b, qwen3-30b-a3b, deepseek-v3, or a path to an HF config.json")
     m.add_argument("--hardware", default="rtx4090-pcie4", help="rtx4090-pcie4, a100-pcie4, h200-pcie5, laptop-nvme")
-    m.add_argument("--budgets", default="12.5%,25%,50%")
-    m.add_argument("--batch", type=int, default=1)
-    m.add_argument("--tokens", type=int, default=256, help="routing tokens to replay")
+    m.add_argument("--budgets", default="12.5%,25%,50%", help="shares of all expert bytes, in (0%%, 100%%]")
+    m.add_argument("--batch", type=_positive_int, default=1)
+    m.add_argument("--tokens", type=_positive_int, default=256, help="routing tokens to replay")
     m.add_argument("--trace", default=None, help="a recorded routing trace (default: record the shipped model "
                                                   "on held-out text)")
     m.add_argument("--json", default=None)
@@ -358,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="a local Hugging Face checkpoint directory instead")
     g.add_argument("--impl", default=None, choices=["grouped_mm", "batched_mm", "eager"],
                    help="transformers experts implementation (default: the model's)")
-    g.add_argument("--seq-len", type=int, default=8)
+    g.add_argument("--seq-len", type=_positive_int, default=8)
     g.add_argument("--code", action="store_true", help="also print the rewritten graph's code")
     g.set_defaults(func=cmd_graph)
     from .cli_predict import add_commands
@@ -368,17 +608,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (2 for any bad argument, with one line on stderr)."""
+    from .errors import OptionError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:        # argparse: --help (0) or a bad argument (2, its one line printed)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except CLIError as exc:
-        print(f"expertflow: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"expertflow: error: {exc}", file=sys.stderr)
+    except (CLIError, OptionError) as exc:
+        print(f"expertflow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":   # python -m expertflow_compile.cli: run the package's module, not a second copy
+    from expertflow_compile.cli import main as _main   # (so cli_predict's CLIError is the one caught)
+
+    sys.exit(_main())

@@ -2,50 +2,30 @@
 
 ``torch.compile(model, backend="expertflow", options={...})`` hands the options dict
 to the backend; :meth:`ExpertFlowConfig.from_options` turns it into this config. An
-unknown key or a bad value raises a ``ValueError`` that names what is accepted:
-options are never silently dropped.
+unknown key or a bad value raises :class:`~expertflow_compile.errors.OptionError` (a
+``ValueError`` that Dynamo passes through unwrapped at a compiled model's first call) that
+names what is accepted: options are never silently dropped. A ``predictor_path`` is
+checked here to be an existing file, and is refused unless the predictor reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ExpertFlowConfig", "POLICIES", "PREDICTORS", "INNER_BACKENDS", "KERNELS"]
+from .errors import OptionError
+
+__all__ = ["ExpertFlowConfig", "OptionError", "POLICIES", "PREDICTORS", "INNER_BACKENDS", "KERNELS"]
 
 POLICIES = ("lru", "lfu", "predictive")
 KERNELS = ("auto", "torch", "triton")
 PREDICTORS = ("none", "lookahead", "path", "oracle")
 INNER_BACKENDS = ("eager", "aot_eager", "inductor")
 
-_BUDGET_RE = re.compile(r"^\s*(\d+(\.\d*)?|\.\d+)\s*(%|b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$", re.I)
 
-
-def _check_budget(value: Any) -> Any:
-    """Accept what :func:`runtime.budget.parse_budget` accepts; reject early with the forms."""
-    forms = ('a byte size such as "2GiB" or "512MB", a share of all expert bytes such as "25%", '
-             "an int (experts per MoE layer, >= 1), or None (every expert resident)")
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"expert_budget={value!r} is not valid; use {forms}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"expert_budget={value!r} is not valid; use {forms}")
-        return value
-    if isinstance(value, str):
-        m = _BUDGET_RE.match(value)
-        if m is None:
-            raise ValueError(f"expert_budget={value!r} does not parse; use {forms}")
-        number, unit = float(m.group(1)), (m.group(3) or "b").lower()
-        if unit == "%" and not 0 < number <= 100:
-            raise ValueError(f"expert_budget={value!r}: a share must be in (0%, 100%]")
-        if number <= 0:
-            raise ValueError(f"expert_budget={value!r} must be positive; use {forms}")
-        return value.strip()
-    raise ValueError(f"expert_budget={value!r} has type {type(value).__name__}; use {forms}")
+_PATH_KIND = {"path": "path-predictor (expertflow train-predictor)", "oracle": "routing-trace (expertflow trace)"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +34,9 @@ class ExpertFlowConfig:
 
     Attributes:
         expert_budget: device-cache size for expert weights: bytes ("2GiB"), a share of
-            all expert bytes ("25%"), an int (experts per MoE layer) or None (all resident).
+            all expert bytes ("25%"), an int n (n x the number of MoE layers slots, one pool
+            shared by all layers) or None (all resident). Whatever the form, the pool must
+            hold one MoE layer's top-k experts (see ``runtime/budget.py``).
         policy: cache replacement, one of ``lru``, ``lfu``, ``predictive``.
         predictor: expert prediction feeding prefetch, one of ``none``, ``lookahead``,
             ``path``, ``oracle``.
@@ -91,45 +73,63 @@ class ExpertFlowConfig:
 
     @classmethod
     def from_options(cls, options: dict | None) -> "ExpertFlowConfig":
-        """Parse and validate ``options``; raise ``ValueError`` naming valid keys/values."""
+        """Parse and validate ``options``; raise :class:`OptionError` (a ``ValueError``)
+        naming the valid keys/values."""
         if options is None:
             options = {}
         if isinstance(options, ExpertFlowConfig):
             return options
         if not isinstance(options, dict):
-            raise ValueError(f"expertflow options must be a dict, got {type(options).__name__}")
+            raise OptionError(f"expertflow options must be a dict, got {type(options).__name__}")
         valid = cls.valid_keys()
         unknown = sorted(k for k in options if k not in valid)
         if unknown:
-            raise ValueError(f"unknown expertflow option(s) {unknown}; valid options are {valid}")
+            raise OptionError(f"unknown expertflow option(s) {unknown}; valid options are {valid}")
+        if isinstance(options.get("predictor_path"), os.PathLike):
+            options = {**options, "predictor_path": os.fspath(options["predictor_path"])}
         cfg = cls(**options)
         cfg._validate()
         return cfg
 
     def _validate(self) -> None:
-        _check_budget(self.expert_budget)
+        from .runtime.budget import parse_budget   # the one budget grammar
+
+        parse_budget(self.expert_budget)           # raises OptionError naming the accepted forms
         for name, allowed in (("policy", POLICIES), ("predictor", PREDICTORS),
                               ("inner_backend", INNER_BACKENDS), ("kernels", KERNELS)):
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not valid; valid values are {list(allowed)}")
+                raise OptionError(f"{name}={value!r} is not valid; valid values are {list(allowed)}")
         for name, low in (("lookahead_depth", 1), ("prefetch_extra", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is not valid; it must be an int >= {low}")
+                raise OptionError(f"{name}={value!r} is not valid; it must be an int >= {low}")
         for name in ("verify", "prefetch", "resident_first"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; it must be True or False")
+                raise OptionError(f"{name}={getattr(self, name)!r} is not valid; it must be True or False")
         if self.predictor_path is not None and not isinstance(self.predictor_path, str):
-            raise ValueError(f"predictor_path={self.predictor_path!r} must be a path string or None")
+            raise OptionError(f"predictor_path={self.predictor_path!r} must be a path string or None")
         if self.predictor in ("path", "oracle") and self.predictor_path is None:
-            raise ValueError(f"predictor={self.predictor!r} needs predictor_path (a trained predictor "
-                             "file for 'path', a recorded routing trace for 'oracle')")
+            raise OptionError(f"predictor={self.predictor!r} needs predictor_path (a trained predictor "
+                              "file for 'path', a recorded routing trace for 'oracle')")
+        if self.predictor_path is not None:
+            if self.predictor not in ("path", "oracle"):
+                raise OptionError(f"predictor_path={self.predictor_path!r} is read only by predictor='path' (a "
+                                  "trained predictor file) or 'oracle' (a routing trace), but predictor="
+                                  f"{self.predictor!r}: set one of those, or drop predictor_path")
+            if os.path.isdir(self.predictor_path):
+                raise OptionError(f"predictor_path={self.predictor_path!r} is a directory; give the "
+                                  f"{_PATH_KIND[self.predictor]} file itself")
+            if not os.path.isfile(self.predictor_path):
+                raise OptionError(f"predictor_path={self.predictor_path!r} does not exist; give an existing "
+                                  f"{_PATH_KIND[self.predictor]} file")
 
     @property
     def offloads(self) -> bool:
         """True when a budget limits the resident experts."""
-        return self.expert_budget is not None and self.expert_budget != "100%"
+        from .runtime.budget import parse_budget
+
+        return not parse_budget(self.expert_budget).everything
 
     def key(self) -> tuple:
         """A hashable identity of the options (runtimes are shared only between equal keys)."""

@@ -15,11 +15,20 @@ Data flow per MoE block::
 
 ``token`` feeds ``grouped_gemm`` so that dead-code elimination keeps ``prefetch`` and
 the prefetch is issued before the block computes.
+
+Inference only: the expert ops have an autograd registration whose ``setup_context``
+raises :class:`~expertflow_compile.errors.InferenceOnlyError`, so a forward with autograd
+recording (grad enabled and an input that requires grad, e.g. the model's parameters)
+stops at the first rewritten block with our message instead of failing later at
+``backward()``. Under ``torch.no_grad()`` / ``inference_mode()`` (``generate()``) autograd
+never calls it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .errors import InferenceOnlyError
 
 __all__ = ["predict", "prefetch", "permute", "grouped_gemm", "grouped_gemm_modules"]
 
@@ -135,3 +144,24 @@ def grouped_gemm_modules(
 @grouped_gemm_modules.register_fake
 def _(hidden, topk_weights, order, offsets, token, up_list, down_list, engine_id, layer):
     return torch.empty_like(hidden)
+
+
+def _refuse_autograd(layer_arg: int):
+    def setup_context(ctx, inputs, output):
+        layer = inputs[layer_arg]
+        raise InferenceOnlyError(
+            f"expertflow is inference-only: MoE layer {layer} runs rewritten (its experts are served from "
+            "expertflow's cache and have no gradient), but autograd is recording and an input requires grad; "
+            "run the model under torch.no_grad() or torch.inference_mode() (generate() already does), or call "
+            "model.requires_grad_(False)")
+
+    return setup_context
+
+
+def _never_called(ctx, *grads):   # pragma: no cover - setup_context refuses first
+    raise InferenceOnlyError("expertflow is inference-only: no backward through its expert ops")
+
+
+torch.library.register_autograd("expertflow::grouped_gemm", _never_called, setup_context=_refuse_autograd(10))
+torch.library.register_autograd("expertflow::grouped_gemm_modules", _never_called,
+                                setup_context=_refuse_autograd(8))

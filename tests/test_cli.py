@@ -123,3 +123,36 @@ def test_trace_train_predictor_eval_on_the_shipped_model(tmp_path, capsys):
     assert main(["eval", "--trace", trace_path, "--predictor", pred_path, "--max-tokens", "128"]) == 0
     out = capsys.readouterr().out
     assert "MIN (Belady)" in out and "lookahead" in out
+
+
+def test_bench_without_matplotlib_writes_table_and_json(tmp_path, capsys, monkeypatch):
+    """matplotlib is optional (the bench extra): no PNG, one line saying why, table and JSON as always."""
+    import json
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # `import matplotlib` raises ImportError
+    out_dir = tmp_path / "b"
+    assert main(["bench", "--modes", "hf-resident", "--budgets", "50%", "--new-tokens", "1",
+                 "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "hf-resident" in printed                                   # the table
+    rows = json.loads((out_dir / "bench.json").read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"hf-resident", "bound-MIN"}
+    assert not (out_dir / "bench.png").exists()
+    why = [ln for ln in printed.splitlines() if "no bench.png" in ln]
+    assert len(why) == 1 and "matplotlib is not installed" in why[0] and "[bench]" in why[0]
+
+
+def test_bench_drops_default_accelerate_mode_without_accelerate(monkeypatch, capsys, tmp_path):
+    """Without accelerate (the bench extra), an explicit hf-accelerate mode is refused and the
+    default mode list leaves it out with a note."""
+    from expertflow_compile import cli
+
+    monkeypatch.setattr(cli, "_importable", lambda name: name != "accelerate")
+    assert main(["bench", "--modes", "hf-accelerate"]) == 2
+    assert "needs the accelerate package" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr("expertflow_compile.bench.run_bench", lambda path, budgets, modes, *a, **k: calls.append(modes) or [])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["bench", "--out", str(tmp_path)]) == 0
+    assert calls == [["hf-resident", "ef-lru", "ef-lookahead"]]
+    assert "no hf-accelerate rows" in capsys.readouterr().err

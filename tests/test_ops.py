@@ -140,3 +140,50 @@ def test_deleted_engine_gives_clear_error():
     eng.close()
     with pytest.raises(RuntimeError, match="no longer exists"):
         torch.ops.expertflow.predict(torch.zeros(1, 4), eid, 0, 2)
+
+
+def test_expert_ops_refuse_autograd_at_forward():
+    """Inference-only: with autograd recording, the op refuses at once (not at backward())."""
+    from expertflow_compile.errors import InferenceOnlyError
+
+    T, E, H, I, K = 4, 4, 8, 4, 2
+    eng, up, down, _, _ = _engine(E, H, I, K)
+    ids, w = _routing(T, E, K)
+    x = torch.randn(T, H)
+    order, offsets = torch.ops.expertflow.permute(ids, E)
+    token = torch.ops.expertflow.prefetch(torch.ops.expertflow.predict(x, eng.id, 0, 3), eng.id, 0)
+    args = (x, w, order, offsets, token, up, down, None, None, eng.id, 0)
+    plain = torch.ops.expertflow.grouped_gemm(*args)          # nothing requires grad: runs
+    for needs_grad in (x, up):
+        needs_grad.requires_grad_(True)
+        with pytest.raises(InferenceOnlyError, match=r"MoE layer 0 .* torch.no_grad\(\)"):
+            torch.ops.expertflow.grouped_gemm(*args)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.ops.expertflow.grouped_gemm(*args), plain)
+        needs_grad.requires_grad_(False)
+    ups, downs = [up[e].clone().requires_grad_(True) for e in range(E)], [down[e].clone() for e in range(E)]
+    eng2, _, _, _, _ = _engine(E, H, I, K)
+    eng2.register_layer(eng2.layers[0], [ExpertList(ups), ExpertList(downs)])
+    with pytest.raises(InferenceOnlyError, match="MoE layer 0"):
+        torch.ops.expertflow.grouped_gemm_modules(x, w, order, offsets, token, ups, downs, eng2.id, 0)
+    eng.close()
+    eng2.close()
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_compiled_forward_with_grad_refuses_with_our_message(inner):
+    """A compiled model's forward with grad enabled (HF parameters require grad) stops at the
+    first rewritten block with InferenceOnlyError, unwrapped by Dynamo; under no_grad it is exact."""
+    from expertflow_compile.errors import InferenceOnlyError
+    from expertflow_compile.testing.tiny_models import build_tiny_model
+
+    model = build_tiny_model("mixtral", num_layers=2)
+    x = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).logits
+    model.compile(backend="expertflow", options={"inner_backend": inner})
+    with pytest.raises(InferenceOnlyError, match="inference-only"):
+        model(x)
+    with torch.no_grad():
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())

@@ -5,12 +5,21 @@ Accepted forms (:func:`parse_budget`):
 * bytes: ``"2GiB"``, ``"512MB"``, ``"1.5 GB"``, ``"1024"`` (plain bytes). KB/MB/GB/TB
   are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; units are case-insensitive.
 * a share of all expert bytes: ``"25%"`` (0 < share <= 100).
-* an ``int``: experts per MoE layer (>= 1).
+* an ``int`` n >= 1: n experts per MoE layer *on average*, i.e. ``n x L`` cache slots
+  for L MoE layers, in the one pool that all layers share (a layer may hold more than
+  n of its experts while another holds fewer).
 * ``None`` or ``"100%"``: everything resident.
 
 :meth:`Budget.resolve_slots` turns a budget into a number of cache slots; one
 slot holds one expert of any layer, so its size is the largest layer's
 ``ExpertSpec.slot_nbytes()``.
+
+The minimum, the same rule for every form: the pool must hold what one MoE layer needs
+resident at once, one token's top-k experts (the largest top-k of any layer), because
+layers run one after the other and a layer's experts stay pinned while it computes.
+An int budget therefore needs ``n >= ceil(top_k / L)`` (with 6 layers and top-2,
+``expert_budget=1`` gives 6 slots and runs). Below the minimum, ``resolve_slots``
+raises :class:`~expertflow_compile.errors.OptionError` stating the minimum in every form.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..errors import OptionError
 from .store import ExpertSpec
 
 __all__ = ["Budget", "parse_budget", "format_bytes"]
@@ -35,7 +45,8 @@ _SHARE_RE = re.compile(rf"^{_NUM}\s*%$")
 ACCEPTED_FORMS = (
     "bytes like '2GiB', '512MB', '1.5 GB' or '1024' (KB/MB/GB/TB = powers of 1000, "
     "KiB/MiB/GiB/TiB = powers of 1024), a share of all expert bytes like '25%' (0 < share <= 100), "
-    "an int number of experts per MoE layer (>= 1), or None / '100%' for everything resident"
+    "an int n >= 1 (n x the number of MoE layers expert slots, shared by all layers), "
+    "or None / '100%' for everything resident"
 )
 
 
@@ -59,8 +70,8 @@ def format_bytes(n: float, *, round_up: bool = False) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".") + unit
 
 
-def _bad(value, why: str = "") -> ValueError:
-    return ValueError(f"invalid expert_budget {value!r}: {why + '; ' if why else ''}expected {ACCEPTED_FORMS}")
+def _bad(value, why: str = "") -> OptionError:
+    return OptionError(f"invalid expert_budget {value!r}: {why + '; ' if why else ''}expected {ACCEPTED_FORMS}")
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,8 @@ class Budget:
         * per_layer: ``value * number of MoE layers``
 
         Capped at the total number of experts. ``min_slots`` is what one MoE
-        layer needs resident at once (capped at the total too); fewer raises a
-        ``ValueError`` that states the minimum in bytes and in experts per layer.
+        layer needs resident at once (capped at the total too); fewer raises
+        :class:`OptionError` stating the minimum as bytes, as a share and as an int.
         """
         if not specs:
             return 0
@@ -124,11 +135,14 @@ class Budget:
         n = min(n, total)
         need = min(max(int(min_slots), 0), total)
         if n < need:
-            raise ValueError(
+            layers = len(specs)
+            hundredths = -(-need * 10000 // total)     # the smallest share in 0.01% steps that is enough
+            raise OptionError(
                 f"expert_budget {self._shown()} gives {n} expert slot{'' if n == 1 else 's'} "
-                f"({format_bytes(n * slot)}), but one MoE "
-                f"layer needs at least {need} resident experts ({format_bytes(need * slot)}); use expert_budget "
-                f">= {format_bytes(need * slot, round_up=True)!r} or >= {need} experts per layer"
+                f"({format_bytes(n * slot)}) shared by {layers} MoE layer{'' if layers == 1 else 's'}, but one MoE "
+                f"layer needs {need} resident experts at once ({format_bytes(need * slot)}: a token's top-{need}); "
+                f"use expert_budget >= {format_bytes(need * slot, round_up=True)!r}, >= '{hundredths / 100:g}%', or an int "
+                f">= {math.ceil(need / layers)} (n x {layers} slots)"
             )
         return n
 
@@ -143,7 +157,7 @@ def parse_budget(value) -> Budget:
         raise _bad(value)
     if isinstance(value, int):
         if value < 1:
-            raise _bad(value, "an int budget is experts per MoE layer and must be >= 1")
+            raise _bad(value, "an int budget (slots per MoE layer, pooled) must be >= 1")
         return Budget("per_layer", float(value), source=value)
     if not isinstance(value, str):
         raise _bad(value)

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from expertflow_compile.errors import OptionError
 from expertflow_compile.runtime.budget import Budget, format_bytes, parse_budget
 from expertflow_compile.runtime.store import ExpertSpec
 
@@ -52,11 +53,12 @@ def test_everything():
      [1], "25 percent"],
 )
 def test_invalid_forms_name_the_accepted_ones(value):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(OptionError) as info:
         parse_budget(value)
     msg = str(info.value)
     assert "expert_budget" in msg
-    for form in ("'2GiB'", "'25%'", "experts per MoE layer", "KiB", "None"):
+    for form in ("'2GiB'", "'25%'", "an int n >= 1 (n x the number of MoE layers expert slots, shared by all layers)",
+                 "KiB", "None"):
         assert form in msg, (form, msg)
 
 
@@ -89,18 +91,31 @@ def test_slot_is_sized_for_the_largest_layer():
 
 def test_minimum_error_states_the_minimum():
     specs = _specs()
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(OptionError) as info:
         parse_budget("20KiB").resolve_slots(specs, 2)
     msg = str(info.value)
-    assert "expert_budget '20KiB' gives 1 expert slot (16KiB)" in msg
-    assert "needs at least 2 resident experts (32KiB)" in msg
-    assert "use expert_budget >= '32KiB' or >= 2 experts per layer" in msg
+    assert "expert_budget '20KiB' gives 1 expert slot (16KiB) shared by 2 MoE layers" in msg
+    assert "one MoE layer needs 2 resident experts at once (32KiB: a token's top-2)" in msg
+    assert "use expert_budget >= '32KiB', >= '12.5%', or an int >= 1 (n x 2 slots)" in msg
     with pytest.raises(ValueError, match=r"'1%' gives 0 expert slots"):
         parse_budget("1%").resolve_slots(specs, 2)
-    with pytest.raises(ValueError, match=r"expert_budget 1 gives 2 expert slots .* at least 4 resident"):
+    with pytest.raises(OptionError, match=r"expert_budget 1 gives 2 expert slots .* needs 4 resident .* an int >= 2 "):
         parse_budget(1).resolve_slots(specs, 4)
     # a minimum above what exists is capped at everything
     assert parse_budget(None).resolve_slots(specs, 100) == 16
+
+
+@pytest.mark.parametrize("layers, top_k", [(1, 2), (2, 2), (6, 2), (3, 8), (48, 8)])
+def test_int_budget_rule(layers, top_k):
+    """An int n buys n x layers slots shared by all layers; it runs iff n x layers >= top-k
+    (README: the int-budget rule), so expert_budget=1 with top-2 runs from 2 layers on."""
+    specs = _specs(layers=layers, experts=max(8, top_k))
+    for n in range(1, top_k + 2):
+        if n * layers >= top_k:
+            assert parse_budget(n).resolve_slots(specs, top_k) == min(n * layers, layers * max(8, top_k))
+        else:
+            with pytest.raises(OptionError, match=rf"or an int >= {-(-top_k // layers)} \(n x {layers} slots\)"):
+                parse_budget(n).resolve_slots(specs, top_k)
 
 
 @settings(max_examples=60, deadline=None)
@@ -110,15 +125,24 @@ def test_minimum_error_states_the_minimum():
     layers=st.integers(1, 4),
     need=st.integers(1, 16),
 )
-def test_suggested_minimum_is_enough(n, experts, layers, need):
+def test_suggested_minimum_is_enough_and_the_least(n, experts, layers, need):
     specs = {i: ExpertSpec(experts, {"w": (n,)}, torch.float16) for i in range(layers)}
     need = min(need, experts)
-    with pytest.raises(ValueError) as info:       # a slot is >= 64 bytes, so 1 byte never suffices
+    with pytest.raises(OptionError) as info:       # a slot is >= 64 bytes, so 1 byte never suffices
         parse_budget("1B").resolve_slots(specs, need)
-    m = re.search(r"use expert_budget >= '([^']+)' or >= (\d+) experts per layer", str(info.value))
+    m = re.search(r"use expert_budget >= '([^']+)', >= '([^']+)%', or an int >= (\d+) \(n x (\d+) slots\)",
+                  str(info.value))
     assert m, "message lacks the suggestion"
-    assert parse_budget(m.group(1)).resolve_slots(specs, need) >= need
-    assert parse_budget(int(m.group(2))).resolve_slots(specs, need) >= need
+    size, share, per_layer = m.group(1), float(m.group(2)), int(m.group(3))
+    assert int(m.group(4)) == layers
+    for enough in (size, f"{share:g}%", per_layer):
+        assert parse_budget(enough).resolve_slots(specs, need) >= need
+    if per_layer > 1:
+        with pytest.raises(OptionError):
+            parse_budget(per_layer - 1).resolve_slots(specs, need)
+    if share > 0.01:
+        with pytest.raises(OptionError):
+            parse_budget(f"{share - 0.01:.2f}%").resolve_slots(specs, need)
 
 
 def test_format_bytes():
