@@ -28,7 +28,9 @@ import torch
 __all__ = ["ScheduleResult", "routing_signatures", "form_batches", "batch_cost", "generate_batched"]
 
 
-def _engine_of(model, warm: torch.Tensor | None = None):
+def _engine_of(model, warm: torch.Tensor | None = None, what: str = "generate_batched(schedule='routing')"):
+    """The expertflow engine of ``model``; a compiled model that has not run yet runs ``warm`` once
+    to build it. ValueError naming ``what`` needs it when the model is not compiled with expertflow."""
     from .runtime.engine import engines_for_module
 
     engines = engines_for_module(getattr(model, "_orig_mod", model))
@@ -37,7 +39,7 @@ def _engine_of(model, warm: torch.Tensor | None = None):
             model(warm.reshape(1, -1))
         engines = engines_for_module(getattr(model, "_orig_mod", model))
     if not engines:
-        raise ValueError("generate_batched(schedule='routing') needs a model compiled with backend='expertflow' "
+        raise ValueError(f"{what} needs a model compiled with backend='expertflow' "
                          "(model.compile(backend='expertflow', options=...))")
     return engines[-1]
 
