@@ -13,7 +13,9 @@ sequences), per decode step and MoE layer, the mean distinct experts per group u
   the best any fixed grouping could do with form_batches;
 * ``regroup last`` / ``regroup token``: regrouped before every step by the signature
   ``regroup.generate_regrouped`` uses (its own ``_Signatures`` code);
-* ``regroup exact (oracle)``: regrouped by each step's true routing (an upper bound).
+* ``regroup exact (oracle)``: regrouped by each step's true routing with form_batches;
+* ``best split (oracle, exhaustive)``, pools of 2 batches only: the best of every split of
+  the pool into two groups for each step's true routing (the bound for ExpertFlow's pool).
 
 Also: how well a prompt's prefill routing predicts its decode routing (histogram
 intersection with its own decode routing vs another prompt's) and how well each signature
@@ -82,6 +84,23 @@ def _share(counts: torch.Tensor) -> torch.Tensor:
     return counts / counts.sum(-1, keepdim=True).clamp(min=1e-9)
 
 
+def _best_split(hot: torch.Tensor, rows: list[int]) -> list[list[int]]:
+    """The split of 2 x B sequences into two groups of B with the fewest distinct experts
+    summed over layers, by trying every split. ``hot`` [2B, L, E] 0/1."""
+    import itertools
+
+    n = hot.shape[0]
+    half = n // 2
+    best, best_cost = None, None
+    for left in itertools.combinations(range(1, n), half - 1):    # sequence 0 in the first group
+        a = [0, *left]
+        b = [j for j in range(n) if j not in a]
+        cost = int(hot[a].amax(0).sum() + hot[b].amax(0).sum())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = (a, b), cost
+    return [[rows[j] for j in g] for g in best]
+
+
 def simulate(traces, batch_size: int, pool_batches: int, num_experts: int, top_k: int, layers: list[int]) -> dict:
     """Mean distinct experts per group per layer per decode step under each grouping."""
     from expertflow_compile.regroup import _Signatures
@@ -122,6 +141,8 @@ def simulate(traces, batch_size: int, pool_batches: int, num_experts: int, top_k
                               {l: traces[r]["decode"][s, li][None] for li, l in enumerate(layers)})
             exact = form_batches(_share(dec[rows, s]), batch_size)
             count("regroup exact (oracle)", s, [[rows[j] for j in g] for g in exact])
+            if pool_batches == 2:
+                count("best split (oracle, exhaustive)", s, _best_split(dec[rows, s], rows))
     out = {k: sum(v) / len(v) for k, v in totals.items()}
     base = out["arrival"]
     return {k: {"distinct": v, "vs_arrival": v / base - 1} for k, v in out.items()}
@@ -193,10 +214,12 @@ def main(argv=None) -> int:
     print(f"{args.model}: {args.prompts} held-out prompts, batch {args.batch_size}, {args.new_tokens - 1} decode steps; "
           f"distinct experts per layer per decode step (of {num_experts}); independent uniform routing would give "
           f"{result['setup']['uniform_independent_expectation']:.2f}")
-    names = list(next(iter(result["pools"].values())))
-    print(f"{'pool (batches)':>15}" + "".join(f"{n:>24}" for n in names))
+    names = list(dict.fromkeys(n for row in result["pools"].values() for n in row))
+    widths = [max(24, len(n) + 2) for n in names]
+    print(f"{'pool (batches)':>15}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     for p, row in result["pools"].items():
-        print(f"{p:>15}" + "".join(f"{row[n]['distinct']:>14.2f} ({row[n]['vs_arrival']:+6.1%})" for n in names))
+        cells = [f"{row[n]['distinct']:.2f} ({row[n]['vs_arrival']:+6.1%})" if n in row else "-" for n in names]
+        print(f"{p:>15}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
     for k, v in result["predictivity"].items():
         print(f"  {k}: {v if isinstance(v, str) else round(v, 3)}")
     out = args.json or os.path.join(HERE, "results", f"scheduling_offline_{args.model}.json")

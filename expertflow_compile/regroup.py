@@ -6,7 +6,10 @@ is prefilled batch by batch (left-padded, as ``generate`` does) and then decodes
 **rounds**: in each round every sequence of the pool advances by exactly one token, in
 groups of at most ``batch_size`` that are formed again before every round by predicted
 routing similarity (``schedule.form_batches`` on a signature of the step to come), so
-that each MoE layer of a group's step touches fewer distinct experts.
+that each MoE layer of a group's step touches fewer distinct experts. Within a round the
+groups run in an order that chains similar groups (``order_groups``): a pool interleaves
+its groups' forwards, and without that order consecutive forwards share fewer experts in
+the cache than a batch's consecutive steps do.
 
 Signatures of a sequence's next step (``group_by``):
 
@@ -49,7 +52,7 @@ import torch
 
 from .schedule import _engine_of, _pad_left, form_batches
 
-__all__ = ["GROUP_BY", "PooledKV", "RegroupResult", "generate_regrouped"]
+__all__ = ["GROUP_BY", "PooledKV", "RegroupResult", "generate_regrouped", "order_groups"]
 
 GROUP_BY = ("token", "last", "arrival")
 
@@ -158,9 +161,11 @@ class _Signatures:
     top_k: int
     by_token: dict[int, torch.Tensor] = field(default_factory=dict)   # token -> [L, E] counts
     last: torch.Tensor | None = None                                   # [P, L, E] 0/1
+    last_forward: torch.Tensor | None = None                           # [L, E] bool: experts of the latest forward
 
     def __post_init__(self):
         self.last = torch.zeros(self.num_rows, len(self.layers), self.num_experts)
+        self.last_forward = torch.zeros(len(self.layers), self.num_experts, dtype=torch.bool)
 
     def observe(self, rows: list[int], tokens: torch.Tensor, ids: dict[int, torch.Tensor],
                 real: torch.Tensor | None = None) -> None:
@@ -172,6 +177,7 @@ class _Signatures:
                 raise RuntimeError(f"expertflow regroup: no routing recorded for MoE layer {layer}")
             hot[:, :, li].scatter_(-1, ids[layer].view(g, s, -1).long(), 1.0)
         real = torch.ones(g, s, dtype=torch.bool) if real is None else real.bool()
+        self.last_forward = hot.flatten(0, 1).amax(0) > 0
         for r in range(g):
             for t in torch.nonzero(real[r]).flatten().tolist():
                 tok = int(tokens[r, t])
@@ -188,6 +194,21 @@ class _Signatures:
                 if counts is not None:
                     sig[j] = torch.zeros_like(counts).scatter_(-1, counts.topk(self.top_k, -1).indices, 1.0)
         return sig / sig.sum(-1, keepdim=True).clamp(min=1)
+
+
+def order_groups(groups: list[list[int]], predicted: torch.Tensor, last_used: torch.Tensor) -> list[list[int]]:
+    """Run order for one round's groups: each next group is the one whose predicted experts
+    overlap most with the group run before it (the first: with ``last_used``, the experts
+    of the forward that ran last), so consecutive forwards find more of their experts still
+    in the cache. ``predicted`` [rows, L, E] 0/1 or shares; ``last_used`` [L, E] bool."""
+    sets = [(predicted[g] > 0).any(0) for g in groups]
+    left, order, current = list(range(len(groups))), [], last_used
+    while left:
+        nxt = max(left, key=lambda j: (int((sets[j] & current).sum()), -j))
+        order.append(nxt)
+        left.remove(nxt)
+        current = sets[nxt]
+    return [groups[j] for j in order]
 
 
 @dataclass
@@ -287,7 +308,7 @@ def generate_regrouped(model, prompts: Sequence[torch.Tensor], *, batch_size: in
             t_s = time.perf_counter()
             if group_by != "arrival" and len(members) > batch_size:
                 sig = sigs.next_step(list(range(len(members))), tokens.tolist(), group_by)
-                groups = form_batches(sig, batch_size, coverage=coverage)
+                groups = order_groups(form_batches(sig, batch_size, coverage=coverage), sig, sigs.last_forward)
             sched_s += time.perf_counter() - t_s
             all_groups.append([[members[r] for r in g] for g in groups])
             new = tokens.clone()

@@ -10,8 +10,8 @@ decides how many distinct experts each MoE layer must have resident per step. We
    distinct experts per batch (``form_batches``: greedy seeding by the set of experts
    a prompt uses most, then pairwise swaps that lower the cost);
 3. generate batch by batch (``generate_batched``) and return the outputs in the
-   caller's order. Sequences never change batch during decode (see the README's
-   design note on continuous regrouping).
+   caller's order. Sequences keep their batch for the whole generation here;
+   ``regroup.generate_regrouped`` regroups them during decode (ExpertFlow's other half).
 
 Each sequence's greedy tokens do not depend on the schedule (tested).
 """

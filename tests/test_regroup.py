@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from expertflow_compile.regroup import GROUP_BY, PooledKV, _Signatures, generate_regrouped
+from expertflow_compile.regroup import GROUP_BY, PooledKV, _Signatures, generate_regrouped, order_groups
 from expertflow_compile.schedule import form_batches
 from expertflow_compile.testing.tiny_models import build_tiny_model
 
@@ -148,3 +148,15 @@ def test_generate_regrouped_rejects_bad_input_before_any_work():
     sliding = build_tiny_model("gpt_oss", num_layers=2)
     with pytest.raises(ValueError, match="DynamicSlidingWindowLayer"):
         generate_regrouped(sliding, p, batch_size=2)
+
+
+def test_order_groups_chains_each_group_to_the_one_sharing_most_experts():
+    # rows 0-1 use experts {0,1}, rows 2-3 {2,3}, rows 4-5 {3,4}; the last forward used {4, 5}
+    predicted = torch.zeros(6, 1, 6)
+    for r, experts in enumerate([(0, 1), (0, 1), (2, 3), (2, 3), (3, 4), (3, 4)]):
+        predicted[r, 0, list(experts)] = 0.5
+    last = torch.zeros(1, 6, dtype=torch.bool)
+    last[0, [4, 5]] = True
+    groups = [[0, 1], [2, 3], [4, 5]]
+    assert order_groups(groups, predicted, last) == [[4, 5], [2, 3], [0, 1]]
+    assert sorted(order_groups(groups, predicted, torch.zeros(1, 6, dtype=torch.bool))) == sorted(groups)
