@@ -160,3 +160,23 @@ def test_order_groups_chains_each_group_to_the_one_sharing_most_experts():
     groups = [[0, 1], [2, 3], [4, 5]]
     assert order_groups(groups, predicted, last) == [[4, 5], [2, 3], [0, 1]]
     assert sorted(order_groups(groups, predicted, torch.zeros(1, 6, dtype=torch.bool))) == sorted(groups)
+
+
+@pytest.mark.slow
+def test_regrouped_tokens_on_the_shipped_fine_grained_model_equal_each_prompt_alone():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import expertflow_compile as ef
+    from expertflow_compile.assets import HELDOUT_TEXT, shipped_model_path
+
+    path = shipped_model_path("tiny_qwen2_moe")
+    tok = AutoTokenizer.from_pretrained(path)
+    lines = [ln for ln in open(HELDOUT_TEXT, encoding="utf-8").read().splitlines() if len(ln.split()) >= 6]
+    prompts = [tok(ln, return_tensors="pt").input_ids[0][:12] for ln in random.Random(0).sample(lines, 16)]
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    singles = _alone(eager, prompts, 8)
+    model = ef.from_pretrained(path, dtype=torch.float32)
+    model.compile(backend="expertflow", options={"expert_budget": "25%"})
+    res = generate_regrouped(model, prompts, batch_size=4, pool_batches=4, group_by="token", max_new_tokens=8)
+    assert all(torch.equal(o, r) for o, r in zip(res.outputs, singles))
+    assert any(g != list(range(g[0], g[0] + len(g))) for r in res.groups for g in r)
