@@ -10,8 +10,8 @@ decides how many distinct experts each MoE layer must have resident per step. We
    distinct experts per batch (``form_batches``: greedy seeding by the set of experts
    a prompt uses most, then pairwise swaps that lower the cost);
 3. generate batch by batch (``generate_batched``) and return the outputs in the
-   caller's order. Sequences never change batch during decode (see the README's
-   design note on continuous regrouping).
+   caller's order. Sequences keep their batch for the whole generation here;
+   ``regroup.generate_regrouped`` regroups them during decode (ExpertFlow's other half).
 
 Each sequence's greedy tokens do not depend on the schedule (tested).
 """
@@ -28,7 +28,9 @@ import torch
 __all__ = ["ScheduleResult", "routing_signatures", "form_batches", "batch_cost", "generate_batched"]
 
 
-def _engine_of(model, warm: torch.Tensor | None = None):
+def _engine_of(model, warm: torch.Tensor | None = None, what: str = "generate_batched(schedule='routing')"):
+    """The expertflow engine of ``model``; a compiled model that has not run yet runs ``warm`` once
+    to build it. ValueError naming ``what`` needs it when the model is not compiled with expertflow."""
     from .runtime.engine import engines_for_module
 
     engines = engines_for_module(getattr(model, "_orig_mod", model))
@@ -37,7 +39,7 @@ def _engine_of(model, warm: torch.Tensor | None = None):
             model(warm.reshape(1, -1))
         engines = engines_for_module(getattr(model, "_orig_mod", model))
     if not engines:
-        raise ValueError("generate_batched(schedule='routing') needs a model compiled with backend='expertflow' "
+        raise ValueError(f"{what} needs a model compiled with backend='expertflow' "
                          "(model.compile(backend='expertflow', options=...))")
     return engines[-1]
 
