@@ -19,6 +19,10 @@ DIST = {"yaml": "pyyaml", "PIL": "pillow"}
 OPTIONAL_IN_PACKAGE = {"matplotlib"}     # imported inside try/except ImportError (bench extra)
 # optional packages the package imports that a test needs at run time (not visible in the tests' imports)
 NEEDED_BY_TESTS = {"matplotlib": "tests/test_cli.py::test_bench_small_table_json_png checks bench.png"}
+# packages transformers imports at run time for what the package does (not visible in any import):
+# its FP8 / MXFP4 quantizers' validate_environment refuses to load a pre-quantized release without
+# accelerate, so expertflow_compile.from_pretrained of DeepSeek-V3's FP8 or GPT-OSS's MXFP4 needs it
+NEEDED_BY_THE_PACKAGE = {"accelerate": "loading pre-quantized releases (transformers' FP8/MXFP4 quantizers)"}
 
 
 def _project():
@@ -86,6 +90,20 @@ def test_every_package_the_tests_import_is_installed_by_the_test_extra():
         if DIST.get(mod, mod) not in test:
             missing[mod] = [why]
     assert not missing, f"imported by tests but not in dependencies or the test extra: {missing}"
+
+
+def test_what_transformers_needs_for_our_loading_is_a_dependency():
+    core = _names(_project()["dependencies"])
+    missing = {mod: why for mod, why in NEEDED_BY_THE_PACKAGE.items() if DIST.get(mod, mod) not in core}
+    assert not missing, f"needed at run time but not in dependencies: {missing}"
+
+
+def test_fp8_quantizer_accepts_this_environment():
+    """What the CI failure was: transformers' FP8 quantizer checks for accelerate before loading."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+
+    FineGrainedFP8HfQuantizer(FineGrainedFP8Config(dequantize=True)).validate_environment(device_map=None)
 
 
 def test_the_package_imports_only_its_dependencies_or_guards_the_rest():
