@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = ["ExpertFlowConfig", "POLICIES", "PREDICTORS", "INNER_BACKENDS", "KERNELS"]
 
-POLICIES = ("lru", "lfu", "predictive")
+from .runtime.policies import POLICIES  # noqa: E402 - the one list of policy names
 KERNELS = ("auto", "torch", "triton")
 PREDICTORS = ("none", "lookahead", "path", "oracle")
 INNER_BACKENDS = ("eager", "aot_eager", "inductor")

@@ -139,7 +139,7 @@ def test_path_predictor_beats_random_and_refuses_other_models(tiny, trained, tmp
     from expertflow_compile.config import ExpertFlowConfig
     cfg = ExpertFlowConfig.from_options({"predictor": "path", "predictor_path": path})
     with pytest.raises(ValueError, match="router digest"):
-        make_predictor(cfg, engine)
+        make_predictor(cfg, engine.view())
 
 
 def test_live_path_predictor_generates_the_same_tokens(trained, tmp_path):

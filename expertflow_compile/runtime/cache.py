@@ -105,7 +105,7 @@ class _Slot:
         self.state = _FREE
         self.pins = 0
         self.last_use = 0
-        self.prefetched = False      # queued to the worker by a prefetch and not used yet
+        self.prefetched = False      # queued to the worker and not used yet
         self.protected = False       # prefetched for a layer that has not run yet: evicted last
         self.load_id = 0             # bumps whenever the slot's pending load changes hands
         self.loader: threading.Thread | None = None
@@ -156,8 +156,7 @@ def _worker_main(ref, q: queue.SimpleQueue, device: torch.device) -> None:
         if cache is None:
             return
         try:
-            for item in batch:
-                cache._worker_load(item)
+            cache._worker_batch(batch)
         except BaseException:  # _worker_load handles load errors; never let the thread die silently
             logger.exception("expertflow_compile: unexpected error in the prefetch worker")
         finally:
@@ -180,17 +179,18 @@ class LayerLease:
     then :meth:`release` (also after an error; idempotent).
     """
 
-    __slots__ = ("cache", "layer", "experts", "_held", "_resident", "_pending", "_deferred", "_counts",
+    __slots__ = ("cache", "layer", "experts", "tid", "_held", "_ready", "_pending", "_deferred", "_counts",
                  "_released")
 
     def __init__(self, cache: "ExpertCache", layer: int, experts: list[int]):
         self.cache = cache
         self.layer = layer
         self.experts = experts
+        self.tid = threading.get_ident()
         self._held: dict[int, _Slot] = {}     # expert -> slot pinned by this lease
-        self._resident: list = []             # (expert, slot): ready at reservation, use counted
-        self._pending: list[int] = []         # held, in flight at reservation
-        self._deferred: list[int] = []        # not held yet: a slot is taken when reached
+        self._ready: list = []                # (expert, slot): ready, use counted
+        self._pending: list[int] = []         # held, in flight (the worker's), not counted yet
+        self._deferred: list[int] = []        # not held yet: taken when reached
         self._counts = _Counts()
         self._released = False
 
@@ -198,38 +198,45 @@ class LayerLease:
         cache, layer = self.cache, self.layer
         views = cache.pool.views
         chunked = bool(self._deferred)        # slots are short: release each expert once used
-        for e, slot in self._resident:
+        for e, slot in self._ready:
             if slot.ready_event is not None:
                 cache._wait_ready(slot)
             yield e, views(slot.index, layer)
             if chunked:
                 cache._unpin(self, e)
         while self._pending:
-            e, slot = cache._claim(self)
-            yield e, cache._finish(self, e, slot)
+            e, slot = cache._next_pending(self)
+            yield e, views(slot.index, layer)
             if chunked:
                 cache._unpin(self, e)
         while self._deferred:
             e = self._deferred.pop(0)
-            slot = cache._claim_deferred(self, e)
-            yield e, cache._finish(self, e, slot)
+            slot = cache._take_deferred(self, e)
+            yield e, views(slot.index, layer)
             cache._unpin(self, e)
 
     def wait_all(self) -> dict:
-        """Every expert loaded and pinned at once: ``{expert: views}``."""
+        """Every expert loaded and held at once: ``{expert: views}``."""
         cache, layer = self.cache, self.layer
+        views = cache.pool.views
         out = {}
-        for e, slot in self._resident:
+        for e, slot in self._ready:
             if slot.ready_event is not None:
                 cache._wait_ready(slot)
-            out[e] = cache.pool.views(slot.index, layer)
+            out[e] = views(slot.index, layer)
         while self._pending:
-            e, slot = cache._claim(self)
-            out[e] = cache._finish(self, e, slot)
+            e, slot = cache._next_pending(self)
+            out[e] = views(slot.index, layer)
         while self._deferred:                 # not reserved together (all_at_once=False): one by one
             e = self._deferred.pop(0)
-            out[e] = cache._finish(self, e, cache._claim_deferred(self, e))
+            out[e] = views(cache._take_deferred(self, e).index, layer)
         return out
+
+    @property
+    def chunked(self) -> bool:
+        """True when the slots could not take every expert at once: iterate (each expert is
+        released once used) instead of ``wait_all``."""
+        return bool(self._deferred)
 
     @property
     def held(self) -> dict[int, int]:
@@ -258,6 +265,9 @@ class ExpertCache:
     yields it; ``release`` the lease. ``policy``: a name in ``POLICIES`` or a
     :class:`~expertflow_compile.runtime.policies.Policy`. ``prefetch``: True (a worker
     thread), False (none), or ``"deferred"`` (queued; :meth:`run_prefetches` runs them).
+    ``queue_misses``: queue a layer call's missing loads to the worker (default: on CUDA,
+    where they overlap on the side stream; on CPU the caller reads them itself - a RAM
+    copy under the GIL gains nothing from a thread hand-off).
     """
 
     def __init__(
@@ -270,6 +280,7 @@ class ExpertCache:
         prefetch: "bool | str" = True,
         stats: RuntimeStats | None = None,
         staging: bool | None = None,
+        queue_misses: bool | None = None,
         pin_timeout: float = 30.0,
     ):
         strategy = make_policy(policy)
@@ -305,6 +316,7 @@ class ExpertCache:
         self.stats.budget_bytes = self.budget_bytes
         self.pool = SlotPool(self.num_slots, self.slot_bytes, device, specs)
         strategy.bind(order)
+        self._on_use = None if type(strategy).on_use is Policy.on_use else strategy.on_use
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -312,7 +324,7 @@ class ExpertCache:
         self._free: list[_Slot] = []
         self._table: dict[tuple[int, int], _Slot] = {}
         self._ready: dict[int, set[int]] = {layer: set() for layer in order}
-        self._inflight = 0
+        self._inflight = 0                     # QUEUED + LOADING
         self._loading = 0
         self._queued_idle: dict[_Slot, None] = {}        # unpinned QUEUED prefetches, in queue order
         self._protected: dict[int, set[_Slot]] = {}      # layer -> its protected prefetched slots
@@ -339,6 +351,9 @@ class ExpertCache:
         self._deferred_mode = prefetch == "deferred"
         self._queue: "queue.SimpleQueue | None" = queue.SimpleQueue() if prefetch is True else None
         self._deferred_items: list = []
+        self._queue_misses = self._cuda if queue_misses is None else bool(queue_misses)
+        # a store that fills many slots in one call (runtime/host_tensors.py); direct reads only
+        self._read_many = None if self._staged else getattr(store, "read_many", None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if prefetch is True:
@@ -364,7 +379,7 @@ class ExpertCache:
         were enqueued (0 when prefetching is off or the cache is closed).
         """
         layer = int(layer)
-        req = list(dict.fromkeys(int(e) for e in experts))
+        req = list(dict.fromkeys(map(int, experts)))
         self._check_keys(layer, req)
         issued = []
         with self._lock:
@@ -374,30 +389,36 @@ class ExpertCache:
                 self.strategy.hint(layer, req, dist, self._table.get)
             if not self.prefetching:
                 return 0
-            skip = None
+            skip = protected = None
+            table = self._table
             for e in req:
                 key = (layer, e)
-                slot = self._table.get(key)
+                slot = table.get(key)
                 if slot is not None:
                     if slot.state == _READY:
                         self._touch(slot)
                     continue
                 if skip is None:
                     skip = {(layer, x) for x in req}
-                slot = self._find_victim(skip, demand=False)
+                slot = self._free_or_victim(skip, demand=False)
                 if slot is None:
                     break
                 self._assign(slot, key, _QUEUED)
                 slot.prefetched = slot.protected = True
-                self._protected.setdefault(layer, set()).add(slot)
+                if protected is None:
+                    protected = self._protected.setdefault(layer, set())
+                protected.add(slot)
                 self._queued_idle[slot] = None
-                self._touch(slot)
+                self._tick += 1
+                slot.last_use = self._tick
                 issued.append((slot, key, slot.load_id))
             self._submit(issued)
             evicted, self._evicted = self._evicted, {}
         if issued:
             self.stats.add(layer, prefetch_issued=len(issued))
-        self._flush_evictions(evicted)
+
+        if evicted:
+            self._flush_evictions(evicted)
         return len(issued)
 
     def set_predicted(self, layer: int, experts, distance: int = 1) -> None:
@@ -420,30 +441,38 @@ class ExpertCache:
         with self._lock:
             self._advance_clock(layer)
 
-    def acquire_layer(self, layer: int, experts, *, resident_first: bool = True, queue_missing: bool = True,
+    def acquire_layer(self, layer: int, experts, *, resident_first: bool = True, loads: str = "issue",
                       all_at_once: bool = False) -> LayerLease:
-        """Pin the resident ``experts`` of ``layer`` and issue the loads of the missing ones
-        (see the module docstring); returns the :class:`LayerLease`.
+        """Hold the ``experts`` of ``layer`` for one layer call; returns the
+        :class:`LayerLease` (see the module docstring).
 
-        ``resident_first``: the lease yields resident experts first (False: in the given
-        order). ``queue_missing``: queue the missing loads to the worker at once (False, or
-        no worker: the caller loads each when reached). ``all_at_once``: every expert must
-        be held together (``wait_all``); the reservation waits until it can take all.
-        Raises ``RuntimeError`` when more experts are asked at once than there are slots.
+        Resident experts are pinned and counted as hits. ``loads="issue"``: every missing
+        expert gets a slot now (evicting per policy) and its load is issued at once - queued
+        to the worker (``queue_misses``), else read here, all of them, before returning;
+        what finds no slot now is taken when the iteration reaches it. ``loads="lazy"``:
+        each missing expert is given a slot and loaded when reached (one at a time, in
+        order: exactly the per-expert ``acquire`` sequence). ``resident_first``: the lease
+        yields resident experts first (False: in the given order, from the first missing
+        one on lazily). ``all_at_once``: every expert is held together (``wait_all``); the
+        reservation is all-or-nothing and waits until it can take all. Raises
+        ``RuntimeError`` when more experts are asked at once than there are slots.
         """
         layer = int(layer)
-        req = list(dict.fromkeys(int(e) for e in experts))
+        req = list(dict.fromkeys(map(int, experts)))
         self._check_keys(layer, req)
+        if loads not in ("issue", "lazy"):
+            raise ValueError(f"loads must be 'issue' or 'lazy', got {loads!r}")
         if all_at_once and len(req) > self.num_slots:
             raise RuntimeError(f"expertflow_compile: {len(req)} experts of layer {layer} cannot be held at once in "
                                f"{self.num_slots} expert cache slots")
         lease = LayerLease(self, layer, req)
+        lazy = loads == "lazy" or not resident_first
         deadline = None
         with self._lock:
             self._advance_clock(layer)
             while True:
-                items = self._reserve(lease, req, resident_first, queue_missing, all_at_once)
-                if items is not None:
+                batch = self._reserve(lease, req, resident_first, lazy, all_at_once)
+                if batch is not None:
                     break
                 # all_at_once and a slot was short: nothing is held now; wait for a change
                 now = time.perf_counter()
@@ -452,7 +481,8 @@ class ExpertCache:
                     raise self._pinned_error(waited=True)
                 self._wait(min(0.05, deadline - now))
                 lease._counts.stall += time.perf_counter() - now
-            self._submit(items)
+        if batch:
+            self._load_batch(lease, batch)
         return lease
 
     def acquire(self, layer: int, expert: int):
@@ -463,7 +493,7 @@ class ExpertCache:
         stall time). Missing, or its prefetch still queued -> loads it in this thread (a
         miss), evicting per policy. Raises ``RuntimeError`` when every slot stays pinned.
         """
-        lease = self.acquire_layer(layer, [expert], queue_missing=False)
+        lease = self.acquire_layer(layer, [expert], loads="lazy")
         try:
             views = lease.wait_all()[int(expert)]
         except BaseException:
@@ -480,14 +510,14 @@ class ExpertCache:
             slot = self._table.get(key)
             if slot is None or slot.state != _READY or slot.pins <= 0:
                 raise RuntimeError(f"release(layer={key[0]}, expert={key[1]}) without a matching acquire")
-            self._unpin_slot(slot, self._record_release())
+            self._unpin_slot(slot, threading.get_ident(), self._record_release())
 
     def run_prefetches(self) -> int:
         """``prefetch="deferred"``: perform the queued prefetches now, in order; returns how many."""
-        items, self._deferred_items = self._deferred_items, []
-        for item in items:
-            self._worker_load(item)
-        return len(items)
+        batches, self._deferred_items = self._deferred_items, []
+        for batch in batches:
+            self._worker_batch(batch)
+        return sum(len(b) for b in batches)
 
     def is_resident(self, layer: int, expert: int) -> bool:
         """Loaded and ready (not in flight)."""
@@ -507,6 +537,11 @@ class ExpertCache:
         """Number of loads queued or running."""
         with self._lock:
             return self._inflight
+
+    def pinned(self) -> int:
+        """Number of pins held now (a slot held by two calls counts twice)."""
+        with self._lock:
+            return self._pins
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no load is in flight (tests, benchmarks). Returns False on timeout."""
@@ -538,12 +573,14 @@ class ExpertCache:
         with self._lock:
             self._closed = True
         self._finalizer()
-        with self._lock:   # prefetches the worker never reached (deferred mode, or after a crash)
+        with self._lock:   # prefetches the worker never reached (deferred mode)
             for slot in list(self._queued_idle):
-                if slot.state == _QUEUED and slot.pins == 0:
-                    self.stats.add(slot.key[0], prefetch_wasted=1)
+                if slot.state == _QUEUED and slot.pins == 0:   # noqa: SIM102
+                    self._count_eviction(slot.key[0], wasted=1, evicted=0)
                     self._free_slot(slot)
             self._deferred_items = []
+            evicted, self._evicted = self._evicted, {}
+        self._flush_evictions(evicted)
 
     def __enter__(self):
         return self
@@ -557,20 +594,19 @@ class ExpertCache:
             f"slot_bytes={self.slot_bytes}, budget_bytes={self.budget_bytes}, resident={len(self._table)})"
         )
 
-    # ------------------------------------------------------------ internals: bookkeeping
+    # ------------------------------------------------------------ internals: bookkeeping (lock held)
 
     def _check_keys(self, layer: int, experts) -> None:
         n = self._num_experts.get(layer)
         if n is None:
             raise KeyError(f"no MoE layer {layer} in the expert cache (layers: {sorted(self.specs)})")
-        for e in experts:
-            if not 0 <= e < n:
-                raise IndexError(f"expert {e} out of range for layer {layer} ({n} experts)")
+        if experts and (min(experts) < 0 or max(experts) >= n):
+            bad = next(e for e in experts if not 0 <= e < n)
+            raise IndexError(f"expert {bad} out of range for layer {layer} ({n} experts)")
 
     def _settle(self, slot: _Slot) -> None:
-        """Make the slot's candidacy match its state (lock held)."""
-        want = slot.state == _READY and slot.pins == 0 and not slot.protected
-        if want:
+        """Make the slot's candidacy match its state."""
+        if slot.state == _READY and slot.pins == 0 and not slot.protected:
             if slot.pq_group is None:
                 self.strategy.add(slot)
         elif slot.pq_group is not None:
@@ -582,28 +618,28 @@ class ExpertCache:
         if slot.pq_group is not None:
             self.strategy.refresh(slot)
 
-    def _pin_slot(self, slot: _Slot) -> None:
+    def _pin_slot(self, slot: _Slot, tid: int) -> None:
         slot.pins += 1
         self._pins += 1
-        me = threading.get_ident()
-        self._pins_by_thread[me] = self._pins_by_thread.get(me, 0) + 1
+        pins = self._pins_by_thread
+        pins[tid] = pins.get(tid, 0) + 1
         if slot.pq_group is not None:
             self.strategy.discard(slot)
-        if slot.pins == 1 and slot.state == _QUEUED:
+        elif slot.pins == 1 and slot.state == _QUEUED:
             self._queued_idle.pop(slot, None)
 
-    def _drop_pin(self, slot: _Slot) -> None:
+    def _drop_pin(self, slot: _Slot, tid: int) -> None:
         slot.pins -= 1
         self._pins -= 1
-        me = threading.get_ident()
-        left = self._pins_by_thread.get(me, 0) - 1
+        pins = self._pins_by_thread
+        left = pins.get(tid, 0) - 1
         if left > 0:
-            self._pins_by_thread[me] = left
+            pins[tid] = left
         else:
-            self._pins_by_thread.pop(me, None)
+            pins.pop(tid, None)
 
-    def _unpin_slot(self, slot: _Slot, event=None) -> None:
-        self._drop_pin(slot)
+    def _unpin_slot(self, slot: _Slot, tid: int, event=None) -> None:
+        self._drop_pin(slot, tid)
         if event is not None:
             slot.release_event = event
         if slot.pins == 0:
@@ -620,7 +656,7 @@ class ExpertCache:
                 self._cond.notify_all()
 
     def _wait(self, timeout: float) -> None:
-        """Wait for a change of the slots (lock held)."""
+        """Wait for a change of the slots."""
         self._waiting += 1
         try:
             self._cond.wait(timeout)
@@ -635,7 +671,8 @@ class ExpertCache:
         return ev
 
     def _assign(self, slot: _Slot, key, state) -> None:
-        self._unprotect(slot)
+        if slot.protected:
+            self._unprotect(slot)
         slot.key = key
         slot.state = state
         slot.load_id = next(self._load_ids)
@@ -655,21 +692,33 @@ class ExpertCache:
         if self._waiting:
             self._cond.notify_all()
 
+    def _used(self, slot: _Slot) -> None:
+        """Count a use of the pinned slot's expert for the policy."""
+        self._tick += 1
+        slot.last_use = self._tick
+        if self._on_use is not None:
+            self._on_use(slot.key)
+        if slot.protected:
+            self._unprotect(slot)
+
     def _free_slot(self, slot: _Slot) -> None:
-        """Drop the slot's expert (lock held)."""
+        """Drop the slot's expert; the slot joins the free list."""
         key = slot.key
         if key is not None:
             if self._table.get(key) is slot:
                 del self._table[key]
-            if slot.state == _READY:
+            state = slot.state
+            if state == _READY:
                 self._ready[key[0]].discard(key[1])
                 self.pool.clear(*key)
-            elif slot.state in (_QUEUED, _LOADING):
+            elif state != _FREE:
                 self._inflight -= 1
         if slot.pq_group is not None:
             self.strategy.discard(slot)
-        self._queued_idle.pop(slot, None)
-        self._unprotect(slot)
+        if slot.prefetched:
+            self._queued_idle.pop(slot, None)
+        if slot.protected:
+            self._unprotect(slot)
         slot.key = None
         slot.state = _FREE
         slot.loader = None
@@ -697,26 +746,36 @@ class ExpertCache:
         self._clock += 1
         self.strategy.on_enter_layer(layer, self._clock, self._table.get)
 
-    def _used(self, slot: _Slot) -> None:
-        """Count a use of the pinned slot's expert for the policy (lock held)."""
-        self._touch(slot)
-        self.strategy.on_use(slot.key)
-        self._unprotect(slot)
-
     def _submit(self, items) -> None:
         if not items:
             return
         if self._deferred_mode:
-            self._deferred_items.extend(items)
+            self._deferred_items.append(items)
         elif self._queue is not None:
             self._queue.put(items)
 
-    # ------------------------------------------------------------ internals: victims
+    def _count_eviction(self, layer: int, *, wasted: int, evicted: int = 1) -> None:
+        acc = self._evicted.get(layer)
+        if acc is None:
+            acc = self._evicted[layer] = [0, 0]
+        acc[0] += evicted
+        acc[1] += wasted
+
+    def _flush_evictions(self, evicted: dict) -> None:
+        for layer, (n, wasted) in evicted.items():
+            if n and wasted:
+                self.stats.add(layer, evictions=n, prefetch_wasted=wasted)
+            elif n:
+                self.stats.add(layer, evictions=n)
+            elif wasted:
+                self.stats.add(layer, prefetch_wasted=wasted)
+
+    # ------------------------------------------------------------ internals: victims (lock held)
 
     def _find_victim(self, skip, *, demand: bool) -> _Slot | None:
-        """A free slot to load into (lock held): a free one, a new one within budget, or one
-        evicted per policy. ``demand``: may also evict a protected prefetch or cancel a
-        queued one. None: nothing can be freed now (wait, or give up for a prefetch)."""
+        """A FREE slot to load into: a free one, a new one within budget, or one evicted per
+        policy. ``demand``: may also evict a protected prefetch or cancel a queued one.
+        None: nothing can be freed now (wait, or give up for a prefetch)."""
         if self._free:
             return self._free.pop()
         if len(self._slots) < self.num_slots:
@@ -728,23 +787,15 @@ class ExpertCache:
         if victim is None and demand:
             victim = self._protected_victim(skip)
         if victim is not None:
-            acc = self._evicted.get(victim.key[0])
-            if acc is None:
-                acc = self._evicted[victim.key[0]] = [0, 0]
-            acc[0] += 1
-            acc[1] += victim.prefetched
-            self._free_slot(victim)
-            self._free.pop()
-            return victim
-        if not demand:
-            return None
-        if self._queued_idle:   # cancel the most recently queued prefetch (the furthest-ahead prediction)
+            self._count_eviction(victim.key[0], wasted=int(victim.prefetched))
+        elif demand and self._queued_idle:   # cancel the most recently queued prefetch (the furthest-ahead one)
             victim = next(reversed(self._queued_idle))
-            self.stats.add(victim.key[0], prefetch_wasted=1)
-            self._free_slot(victim)
-            self._free.pop()
-            return victim
-        return None
+            self._count_eviction(victim.key[0], wasted=1, evicted=0)
+        else:
+            return None
+        self._free_slot(victim)
+        self._free.pop()
+        return victim
 
     def _protected_victim(self, skip) -> _Slot | None:
         best = None
@@ -757,12 +808,12 @@ class ExpertCache:
                     best = (k, slot)
         return None if best is None else best[1]
 
-    def _must_wait(self) -> bool:
+    def _must_wait(self, tid: int) -> bool:
         """No victim now: True when waiting can help (a load in flight, or pins held by
         other threads), False when the calling thread's own pins fill the cache."""
         if self._loading:
             return True
-        return self._pins - self._pins_by_thread.get(threading.get_ident(), 0) > 0
+        return self._pins - self._pins_by_thread.get(tid, 0) > 0
 
     def _pinned_error(self, *, waited: bool) -> RuntimeError:
         if waited:
@@ -778,62 +829,91 @@ class ExpertCache:
 
     # ------------------------------------------------------------ internals: leases
 
-    def _reserve(self, lease: LayerLease, req, resident_first: bool, queue_missing: bool, all_at_once: bool):
-        """Pin what is there, assign slots to what is missing (lock held). Returns the worker
-        items to submit, or None when ``all_at_once`` could not take everything (then
-        nothing is held)."""
-        layer = lease.layer
-        held, resident, pending, missing = lease._held, [], [], []
+    def _reserve(self, lease: LayerLease, req, resident_first: bool, lazy: bool, all_at_once: bool):
+        """Pin what is there, give slots to what is missing (lock held). Returns the slots the
+        caller loads now (``[(expert, slot)]``), or None when ``all_at_once`` could not take
+        everything (then nothing is held)."""
+        layer, tid = lease.layer, lease.tid
+        held, ready, pending, missing = lease._held, [], [], []
         table = self._table
+        strategy = self.strategy
         for e in req:
             slot = table.get((layer, e))
             if slot is None:
                 missing.append(e)
                 continue
-            self._pin_slot(slot)
+            slot.pins += 1
             held[e] = slot
+            if slot.pq_group is not None:
+                strategy.discard(slot)
             if slot.state == _READY:
-                resident.append(e)
+                ready.append(e)
             else:
+                if slot.pins == 1 and slot.state == _QUEUED:
+                    self._queued_idle.pop(slot, None)
                 pending.append(e)
-        items, assigned = [], []
-        queue = queue_missing and self.prefetching
+        n_pins = len(held)
+        self._pins += n_pins
+        pins = self._pins_by_thread
+        pins[tid] = pins.get(tid, 0) + n_pins
+        batch, items, assigned = [], [], []
         deferred = []
-        for i, e in enumerate(missing):
-            slot = self._find_victim(None, demand=False) if queue else None
-            if slot is None and all_at_once:
-                slot = self._find_victim(None, demand=True)
-            if slot is None:
-                if not all_at_once:
-                    deferred = missing[i:]
-                    break
-                self._rollback(lease, assigned)
-                if not self._must_wait():
-                    raise self._pinned_error(waited=False)
-                return None
-            key = (layer, e)
-            self._assign(slot, key, _QUEUED)
-            self._pin_slot(slot)
-            held[e] = slot
-            assigned.append(slot)
-            if queue:
-                slot.prefetched = True
-                items.append((slot, key, slot.load_id))
-            pending.append(e)
-        if not resident_first and (pending or deferred):
+        if missing and lazy and not all_at_once:
+            deferred = missing
+        elif missing:
+            queue = self._queue_misses and self.prefetching
+            me = threading.current_thread()
+            ids = self._load_ids
+            state = _QUEUED if queue else _LOADING
+            for i, e in enumerate(missing):
+                slot = self._free_or_victim()
+                if slot is None:
+                    if not all_at_once:
+                        deferred = missing[i:]
+                        break
+                    self._rollback(lease, assigned)
+                    if not self._must_wait(tid):
+                        raise self._pinned_error(waited=False)
+                    return None
+                key = (layer, e)
+                slot.key = key
+                slot.state = state
+                slot.load_id = next(ids)
+                slot.pins = 1
+                table[key] = slot
+                held[e] = slot
+                assigned.append(slot)
+                if queue:
+                    slot.prefetched = True
+                    items.append((slot, key, slot.load_id))
+                    pending.append(e)
+                else:
+                    slot.loader = me
+                    batch.append((e, slot))
+            n = len(assigned)
+            self._inflight += n
+            self._pins += n
+            pins[tid] += n
+            if batch:
+                self._loading += len(batch)
+        if not resident_first and (pending or deferred or batch):
             # the given order: from the first expert not ready on, each is taken when reached
             rank = {e: i for i, e in enumerate(req)}
-            first = min(rank[e] for e in pending + deferred)
+            first = min(rank[e] for e in pending + deferred + [b[0] for b in batch])
+            for e, slot in batch:       # nothing was read yet: back to QUEUED, freed when unpinned
+                slot.state = _QUEUED
+                slot.loader = None
+                self._loading -= 1
             deferred = req[first:]
             for e in deferred:
                 slot = held.pop(e, None)
                 if slot is not None:
-                    self._unpin_slot(slot)
-            resident = [e for e in resident if rank[e] < first]
-            pending = []
+                    self._unpin_slot(slot, tid)
+            ready = [e for e in ready if rank[e] < first]
+            pending, batch, items = [], [], []
         counts = lease._counts
-        lease._resident = [(e, held[e]) for e in resident]
-        for e, slot in lease._resident:       # resident: the use happens now
+        lease._ready = [(e, held[e]) for e in ready]
+        for e, slot in lease._ready:          # resident: the use happens now
             counts.hits += 1
             if slot.prefetched:
                 counts.prefetch_used += 1
@@ -842,21 +922,116 @@ class ExpertCache:
         counts.prefetch_issued += len(items)
         lease._pending = pending
         lease._deferred = deferred
-        return items
+        self._submit(items)
+        return batch
+
+    def _free_or_victim(self, skip=None, demand: bool = True) -> _Slot | None:
+        """A FREE slot for a missing expert: free, new, or evicted per policy (never an expert
+        in ``skip``); ``demand``: a protected prefetch, else a queued one, as a last resort."""
+        if self._free:
+            return self._free.pop()
+        if len(self._slots) < self.num_slots:
+            slot = _Slot(len(self._slots))
+            self._slots.append(slot)
+            self.stats.set_cache_bytes(len(self._slots) * self.slot_bytes)
+            return slot
+        victim = self.strategy.victim(skip or ())
+        if victim is None:
+            return self._find_victim(skip, demand=True) if demand else None
+        key = victim.key                      # a candidate: READY, unpinned, not protected
+        del self._table[key]
+        self._ready[key[0]].discard(key[1])
+        self.pool.clear(*key)
+        self._count_eviction(key[0], wasted=int(victim.prefetched))
+        victim.key = None
+        victim.state = _FREE
+        victim.prefetched = False
+        return victim
 
     def _rollback(self, lease: LayerLease, assigned) -> None:
         for slot in assigned:           # never submitted: freed when unpinned
             slot.prefetched = False
         for slot in lease._held.values():
-            self._unpin_slot(slot)
+            self._unpin_slot(slot, lease.tid)
         lease._held.clear()
 
-    def _claim(self, lease: LayerLease):
-        """The next in-flight held expert to hand out (lock taken here): one the worker
-        finished, else a queued one the caller loads itself (from the back: the worker takes
-        the front), else the first one loading, waited for. Returns ``(expert, slot)``; the
-        slot is READY or LOADING by this thread."""
-        pending, held = lease._pending, lease._held
+    def _start_load(self, slot: _Slot) -> None:
+        """The calling thread loads the QUEUED slot itself (lock held)."""
+        if slot.prefetched:
+            self._queued_idle.pop(slot, None)
+        slot.state = _LOADING
+        slot.load_id = next(self._load_ids)
+        slot.loader = threading.current_thread()
+        self._loading += 1
+
+    def _load_batch(self, lease: LayerLease, batch) -> None:
+        """Read the slots ``_reserve`` gave to missing experts, all of them, in this thread
+        (no lock held); count the misses. On an error, nothing of the lease stays held."""
+        layer = lease.layer
+        t0 = time.perf_counter()
+        done = 0
+        try:
+            if self._read_many is not None and len(batch) > 1:   # one call for the whole layer call
+                self._read_many(layer, [e for e, _ in batch], self.pool.stacked(layer), [s.index for _, s in batch])
+                done = len(batch)
+            else:
+                for e, slot in batch:
+                    self._load(slot, layer, e, background=False)
+                    done += 1
+        except BaseException as exc:
+            with self._lock:
+                for i, (e, slot) in enumerate(batch):
+                    self._loading -= 1
+                    if i < done:
+                        self._set_ready(slot)
+                        self._used(slot)
+                    else:
+                        lease._held.pop(e, None)
+                        self._drop_pin(slot, lease.tid)
+                        self._free_slot(slot)
+            self._count_misses(lease, done, t0)
+            lease.release()
+            if isinstance(exc, OSError):
+                e = batch[done][0]
+                raise RuntimeError(f"expertflow_compile: loading expert {e} of layer {layer} into the expert "
+                                   f"cache failed: {exc}") from exc
+            raise
+        with self._lock:
+            ready = self._ready[layer]
+            row = self.pool.row[layer]
+            np_table = self.pool._np
+            on_use = self._on_use
+            tick = self._tick
+            for e, slot in batch:
+                slot.state = _READY
+                slot.loader = None
+                ready.add(e)
+                np_table[row, e] = slot.index
+                tick += 1
+                slot.last_use = tick
+                if on_use is not None:
+                    on_use(slot.key)
+            self._tick = tick
+            n = len(batch)
+            self._loading -= n
+            self._inflight -= n
+            if self._waiting:
+                self._cond.notify_all()
+        self._count_misses(lease, done, t0)
+        lease._ready.extend(batch)
+
+    def _count_misses(self, lease: LayerLease, n: int, t0: float) -> None:
+        c = lease._counts
+        c.misses += n
+        c.demand_loads += n
+        c.bytes_moved += n * self._expert_bytes[lease.layer]
+        c.stall += time.perf_counter() - t0
+
+    def _next_pending(self, lease: LayerLease):
+        """Hand out the next in-flight held expert: one the worker finished, else a queued one
+        this thread loads itself (from the back: the worker takes the front), else the first
+        one loading, waited for. Returns ``(expert, slot)``, counted."""
+        pending, held, counts = lease._pending, lease._held, lease._counts
         t_wait = None
         with self._lock:
             while True:
@@ -873,119 +1048,110 @@ class ExpertCache:
                 if pick is not None:
                     e = pending.pop(pick)
                     slot = held[e]
-                    if slot.state == _QUEUED:
-                        self._start_load(slot)
-                    elif t_wait is not None:
-                        lease._counts.inflight_waits += 1
+                    if slot.state == _READY:
+                        self._hit(slot, counts, t_wait)
+                        return self._handed(e, slot, t_wait, counts)
+                    self._start_load(slot)
                     break
                 slot = held[pending[0]]       # all loading elsewhere: wait for one
-                loader = slot.loader
-                if loader is not None and not loader.is_alive():   # its loader died without finishing
-                    slot.state = _QUEUED
-                    self._loading -= 1
-                    slot.prefetched = False
+                if not self._loader_alive(slot):
                     continue
                 if t_wait is None:
                     t_wait = time.perf_counter()
                 self._wait(0.05)
         if t_wait is not None:
-            lease._counts.stall += time.perf_counter() - t_wait
+            counts.stall += time.perf_counter() - t_wait
+        self._load_held(lease, e, slot)
         return e, slot
 
-    def _claim_deferred(self, lease: LayerLease, e: int) -> _Slot:
-        """Hold expert ``e`` (not held at reservation): pin it if it is assigned, else take
-        a slot for it, waiting when none can be freed now. The slot is READY, LOADING by
-        this thread, or LOADING elsewhere (``_finish`` waits)."""
+    def _take_deferred(self, lease: LayerLease, e: int) -> _Slot:
+        """Hold and ready expert ``e`` (not held at reservation): pin it if it is assigned,
+        else take a slot for it (waiting when none can be freed now); load it here unless
+        its load is under way elsewhere (then wait for it). Counted."""
         key = (lease.layer, e)
-        t_wait = None
-        deadline = None
+        counts, tid = lease._counts, lease.tid
+        t_wait = deadline = None
+        pinned = False
         with self._lock:
             while True:
                 slot = self._table.get(key)
+                if slot is None:
+                    slot = self._find_victim(None, demand=True)
+                    if slot is not None:
+                        self._assign(slot, key, _QUEUED)
                 if slot is not None:
-                    self._pin_slot(slot)
-                    if slot.state == _QUEUED:
+                    if not pinned:
+                        self._pin_slot(slot, tid)
+                        lease._held[e] = slot
+                        pinned = True
+                    state = slot.state
+                    if state == _READY:
+                        self._hit(slot, counts, t_wait)
+                        self._handed(e, slot, t_wait, counts)
+                        return slot
+                    if state == _QUEUED:
                         self._start_load(slot)
-                    break
-                slot = self._find_victim(None, demand=True)
-                if slot is not None:
-                    self._assign(slot, key, _QUEUED)
-                    self._pin_slot(slot)
-                    self._start_load(slot)
-                    break
-                if not self._must_wait():
+                        break
+                    if not self._loader_alive(slot):
+                        continue
+                elif not self._must_wait(tid):
                     raise self._pinned_error(waited=False)
                 now = time.perf_counter()
                 if t_wait is None:
                     t_wait = now
-                if not self._loading:         # only other threads' pins: wait for them, bounded
+                if slot is None and not self._loading:   # only other threads' pins: wait for them, bounded
                     deadline = deadline or now + self.pin_timeout
                     if now >= deadline:
                         raise self._pinned_error(waited=True)
                 self._wait(0.05)
-            lease._held[e] = slot
         if t_wait is not None:
-            lease._counts.stall += time.perf_counter() - t_wait
+            counts.stall += time.perf_counter() - t_wait
+        self._load_held(lease, e, slot)
         return slot
 
-    def _start_load(self, slot: _Slot) -> None:
-        """The caller loads the QUEUED slot itself (lock held)."""
-        self._queued_idle.pop(slot, None)
-        slot.state = _LOADING
-        slot.load_id = next(self._load_ids)
-        slot.loader = threading.current_thread()
-        self._loading += 1
+    def _loader_alive(self, slot: _Slot) -> bool:
+        """False (and the slot back to QUEUED) when its loader thread died mid-load."""
+        loader = slot.loader
+        if loader is not None and not loader.is_alive():
+            slot.state = _QUEUED
+            slot.loader = None
+            slot.prefetched = False
+            self._loading -= 1
+            return False
+        return True
 
-    def _finish(self, lease: LayerLease, e: int, slot: _Slot):
-        """Count the use of the held ``slot`` of expert ``e``, loading it first when this
-        thread is its loader (else waiting for its loader); returns its views."""
-        counts = lease._counts
-        layer = lease.layer
-        me = threading.current_thread()
-        if slot.state == _LOADING and slot.loader is me:
-            return self._load_held(lease, e, slot)
-        if slot.state != _READY:            # LOADING elsewhere (a deferred expert found in flight)
-            t_wait = time.perf_counter()
-            with self._lock:
-                while slot.state == _LOADING and slot.loader is not me:
-                    loader = slot.loader
-                    if loader is not None and not loader.is_alive():
-                        slot.state = _QUEUED
-                        self._loading -= 1
-                    else:
-                        self._wait(0.05)
-                if slot.state == _QUEUED:
-                    self._start_load(slot)
-                waited = slot.state == _READY
-                if waited:
-                    counts.inflight_waits += 1
+    def _hit(self, slot: _Slot, counts: _Counts, t_wait) -> None:
+        counts.hits += 1
+        if slot.prefetched:
+            counts.prefetch_used += 1
+            slot.prefetched = False
+        if t_wait is not None:
+            counts.inflight_waits += 1
+        self._used(slot)
+
+    def _handed(self, e: int, slot: _Slot, t_wait, counts: _Counts):
+        if t_wait is not None:
             counts.stall += time.perf_counter() - t_wait
-            if not waited:
-                return self._load_held(lease, e, slot)
-        with self._lock:
-            counts.hits += 1
-            if slot.prefetched:
-                counts.prefetch_used += 1
-                slot.prefetched = False
-            self._used(slot)
         if slot.ready_event is not None:
             self._wait_ready(slot)
-        return self.pool.views(slot.index, layer)
+        return e, slot
 
-    def _load_held(self, lease: LayerLease, e: int, slot: _Slot):
-        """Load the held slot this thread is loading (no lock held); count the miss."""
+    def _load_held(self, lease: LayerLease, e: int, slot: _Slot) -> None:
+        """Load the held slot this thread is loading (no lock held); count the miss. A
+        taken-over prefetch whose read fails with an I/O error is read once more."""
         layer = lease.layer
         counts = lease._counts
-        late = slot.prefetched               # a prefetch the caller took over: right but late
+        late = slot.prefetched               # a prefetch this thread took over: right but late
         t0 = time.perf_counter()
         while True:
             try:
                 self._load(slot, layer, e, background=False)
                 break
             except OSError as exc:
-                if late and slot.prefetched:  # the taken-over prefetch failed: demand-load it once
-                    slot.prefetched = False
+                if late:
+                    late = False
                     self.stats.add(layer, prefetch_failed=1, prefetch_wasted=1)
+                    slot.prefetched = False
                     self._log_failure((layer, e), exc)
                     continue
                 self._abandon(lease, e, slot)
@@ -997,16 +1163,14 @@ class ExpertCache:
                 raise
         with self._lock:
             self._loading -= 1
-            ok_late = late and slot.prefetched
             slot.prefetched = False
             self._set_ready(slot)
             self._used(slot)
         counts.misses += 1
         counts.demand_loads += 1
-        counts.prefetch_late += int(ok_late)
+        counts.prefetch_late += int(late)
         counts.bytes_moved += self._expert_bytes[layer]
         counts.stall += time.perf_counter() - t0
-        return self.pool.views(slot.index, layer)
 
     def _wait_ready(self, slot: _Slot) -> None:
         if self._cuda:
@@ -1017,40 +1181,58 @@ class ExpertCache:
         with self._lock:
             self._loading -= 1
             lease._held.pop(e, None)
-            self._drop_pin(slot)
+            self._drop_pin(slot, lease.tid)
             self._free_slot(slot)
 
     def _unpin(self, lease: LayerLease, e: int) -> None:
         with self._lock:
-            self._unpin_slot(lease._held.pop(e), self._record_release())
+            self._unpin_slot(lease._held.pop(e), lease.tid, self._record_release())
 
     def _release_lease(self, lease: LayerLease) -> None:
         with self._lock:
-            if lease._held:
+            held = lease._held
+            if held:
                 ev = self._record_release()
-                for slot in lease._held.values():
-                    self._unpin_slot(slot, ev)
-                lease._held.clear()
-            lease._resident = []
+                strategy = self.strategy
+                for slot in held.values():
+                    slot.pins -= 1
+                    if ev is not None:
+                        slot.release_event = ev
+                    if slot.pins == 0:
+                        state = slot.state
+                        if state == _READY:
+                            if not slot.protected:
+                                strategy.add(slot)
+                        elif state == _QUEUED:
+                            if slot.prefetched:
+                                self._queued_idle[slot] = None
+                            else:                   # reserved by a call that never loaded it
+                                self._free_slot(slot)
+                n = len(held)
+                self._pins -= n
+                pins = self._pins_by_thread
+                left = pins.get(lease.tid, 0) - n
+                if left > 0:
+                    pins[lease.tid] = left
+                else:
+                    pins.pop(lease.tid, None)
+                held.clear()
+                if self._waiting:
+                    self._cond.notify_all()
+            lease._ready = []
             lease._pending = []
             lease._deferred = []
             evicted, self._evicted = self._evicted, {}
         lease._counts.flush(self.stats, lease.layer)
-        self._flush_evictions(evicted)
+        if evicted:
+            self._flush_evictions(evicted)
 
-    def _flush_evictions(self, evicted: dict) -> None:
-        for layer, (n, wasted) in evicted.items():
-            self.stats.add(layer, evictions=n, prefetch_wasted=wasted)
-
-    # ------------------------------------------------------------ internals: loads
-
-    def _staging_for(self, layer: int, st: _Staging):
-        return st.pool.views(0, layer)
+    # ------------------------------------------------------------ internals: loads (no lock held)
 
     def _load(self, slot: _Slot, layer: int, expert: int, *, background: bool) -> None:
-        """Read the expert into the slot (no lock held; the slot is in flight)."""
+        """Read the expert into the slot (the slot is in flight)."""
         if not self._staged:
-            self.store.read_into(layer, expert, dict(self.pool.views(slot.index, layer)))
+            self.store.read_into(layer, expert, self.pool.views(slot.index, layer))
             return
         n = self._slot_need[layer]
         if background:
@@ -1069,7 +1251,7 @@ class ExpertCache:
     def _copy_via(self, st: _Staging, slot: _Slot, layer: int, expert: int, n: int, stream) -> None:
         if st.event is not None:
             st.event.synchronize()          # the staging buffer's previous copy must be done
-        self.store.read_into(layer, expert, dict(self._staging_for(layer, st)))
+        self.store.read_into(layer, expert, st.pool.views(0, layer))
         dst = self.pool.slot_buffer(slot.index)
         if not self._cuda:                  # other devices: a plain blocking copy
             dst[:n].copy_(st.buf[:n])
@@ -1084,20 +1266,62 @@ class ExpertCache:
         st.event = ev
         slot.ready_event = ev
 
+    def _worker_batch(self, batch) -> None:
+        """Load one prefetch call's items (the worker, or ``run_prefetches``): all taken at
+        once, and read in one call when the store can (``read_many``); a failure there
+        retries the items one by one so that only the failing ones fail."""
+        if self._read_many is None or len(batch) < 2:
+            for item in batch:
+                self._worker_load(item)
+            return
+        me = threading.current_thread()
+        with self._lock:
+            if self._stop.is_set() and not self._deferred_mode:
+                for slot, key, load_id in batch:
+                    self._worker_take(slot, key, load_id, me)
+                return
+            taken = [(slot, key) for slot, key, load_id in batch if self._worker_take(slot, key, load_id, me)]
+        if not taken:
+            return
+        layer = taken[0][0].key[0]
+        try:
+            if any(key[0] != layer for _, key in taken):
+                raise ValueError("one layer per batch")
+            self._read_many(layer, [key[1] for _, key in taken], self.pool.stacked(layer),
+                            [slot.index for slot, _ in taken])
+        except BaseException:
+            for slot, key in taken:         # one by one: only the failing ones fail
+                self._worker_read(slot, key)
+            return
+        with self._lock:
+            for slot, _key in taken:
+                self._loading -= 1
+                self._set_ready(slot)
+        self.stats.add(layer, prefetch_loads=len(taken), bytes_moved=len(taken) * self._expert_bytes[layer])
+
+    def _worker_take(self, slot: _Slot, key, load_id: int, me) -> bool:
+        """Start the worker's load of a queued item (lock held); False: nothing to load."""
+        if slot.load_id != load_id or slot.state != _QUEUED:
+            return False                    # taken over by a caller, or cancelled
+        if self._stop.is_set() and not self._deferred_mode:
+            if slot.pins == 0:
+                self._count_eviction(key[0], wasted=1, evicted=0)
+                self._free_slot(slot)
+            return False                    # a pinned one is loaded by the call holding it
+        self._queued_idle.pop(slot, None)
+        slot.state = _LOADING
+        slot.loader = me
+        self._loading += 1
+        return True
+
     def _worker_load(self, item) -> None:
         slot, key, load_id = item
         with self._lock:
-            if slot.load_id != load_id or slot.state != _QUEUED:
-                return                      # taken over by a caller, or cancelled
-            if self._stop.is_set() and not self._deferred_mode:
-                if slot.pins == 0:
-                    self.stats.add(key[0], prefetch_wasted=1)
-                    self._free_slot(slot)
-                return                      # a pinned one is loaded by the call holding it
-            self._queued_idle.pop(slot, None)
-            slot.state = _LOADING
-            slot.loader = threading.current_thread()
-            self._loading += 1
+            if not self._worker_take(slot, key, load_id, threading.current_thread()):
+                return
+        self._worker_read(slot, key)
+
+    def _worker_read(self, slot: _Slot, key) -> None:
         try:
             self._load(slot, key[0], key[1], background=True)
         except BaseException as exc:
@@ -1111,7 +1335,6 @@ class ExpertCache:
     def _worker_failed(self, slot: _Slot, key, exc: BaseException) -> None:
         with self._lock:
             self._loading -= 1
-            self.stats.add(key[0], prefetch_failed=1, prefetch_wasted=1)
             if slot.pins:                   # a layer call holds it: it loads it itself
                 slot.state = _QUEUED
                 slot.loader = None
@@ -1121,6 +1344,7 @@ class ExpertCache:
                     self._cond.notify_all()
             else:
                 self._free_slot(slot)
+        self.stats.add(key[0], prefetch_failed=1, prefetch_wasted=1)
         self._log_failure(key, exc)
 
     def _log_failure(self, key, exc: BaseException) -> None:
@@ -1134,7 +1358,3 @@ class ExpertCache:
                          key[1], key[0], type(exc).__name__, exc, exc_info=exc)
         else:
             logger.debug(msg, key[1], key[0], type(exc).__name__, exc)
-
-
-def _state_name(slot: _Slot) -> str:
-    return _STATE_NAMES[slot.state]

@@ -112,6 +112,11 @@ class Policy:
 
     def victim(self, skip=()):
         """Remove and return the candidate to evict (its key not in ``skip``), or None."""
+        if not skip:
+            slot = self._best()
+            if slot is not None:
+                self.discard(slot)
+            return slot
         stash = []
         found = None
         while True:
@@ -283,9 +288,10 @@ class PredictivePolicy(Policy):
         group = slot.pq_group
         if group is None:
             return
+        head = group is not self._hinted and group is not self._never and group.top()[-1] is slot
         group.drop(slot)
         slot.pq_group = None
-        if group is not self._hinted and group is not self._never:
+        if head:                       # the layer's head left: its next expert heads it now
             self._refresh_head(slot.key[0])
 
     def _refresh_head(self, layer: int) -> None:

@@ -257,7 +257,7 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                 missing = sorted((e for e in c.active if e not in set(resident)),
                                  key=lambda e: -_next_after(uses, (c.layer, e), i))
                 order = resident + missing
-            lease = cache.acquire_layer(c.layer, order, queue_missing=False)
+            lease = cache.acquire_layer(c.layer, order, loads="lazy")
             try:
                 for e, _views in lease:
                     if oracle:
