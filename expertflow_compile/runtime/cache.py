@@ -563,6 +563,53 @@ class ExpertCache:
         """``layer``'s slot-table row on the compute device (see :mod:`.pool`)."""
         return self.pool.device_row(int(layer), self._num_experts[int(layer)])
 
+    def check_consistency(self) -> None:
+        """Raise ``AssertionError`` unless every structure agrees with the slots (tests; O(n)):
+        the slot table (dict and tensor), ready sets, in-flight and pin counts, the policy's
+        candidates (READY, unpinned, unprotected), the queued and protected sets."""
+        with self._lock:
+            table, ready = self._table, {l: set() for l in self._ready}
+            inflight = loading = pins = candidates = 0
+            for slot in self._slots:
+                state, key = slot.state, slot.key
+                pins += slot.pins
+                assert slot.pins >= 0, f"slot {slot.index}: {slot.pins} pins"
+                if state == _FREE:
+                    assert key is None and slot.pins == 0 and slot.pq_group is None, f"free slot {slot.index}: {key}"
+                    assert slot in self._free, f"free slot {slot.index} not on the free list"
+                    continue
+                assert table.get(key) is slot, f"slot {slot.index} holds {key} but the table says otherwise"
+                row = self.pool.row[key[0]]
+                shown = int(self.pool._np[row, key[1]])
+                if state == _READY:
+                    ready[key[0]].add(key[1])
+                    assert shown == slot.index, f"{key} READY in slot {slot.index}, slot table shows {shown}"
+                    assert slot.loader is None, f"{key} READY with a loader"
+                else:
+                    assert shown == -1, f"{key} in flight ({_STATE_NAMES[state]}) but the slot table shows {shown}"
+                    inflight += 1
+                    loading += state == _LOADING
+                    assert (state == _LOADING) == (slot.loader is not None), f"{key} {_STATE_NAMES[state]} loader"
+                want = state == _READY and slot.pins == 0 and not slot.protected
+                assert (slot.pq_group is not None) == want, f"{key}: candidate={slot.pq_group is not None}, " \
+                    f"state {_STATE_NAMES[state]}, {slot.pins} pins, protected={slot.protected}"
+                candidates += want
+                queued_idle = state == _QUEUED and slot.pins == 0
+                assert (slot in self._queued_idle) == queued_idle, f"{key}: queued-idle set disagrees"
+                if queued_idle:
+                    assert slot.prefetched, f"{key}: unpinned QUEUED slot without a prefetch"
+                assert slot.protected == (slot in self._protected.get(key[0], ())), f"{key}: protected set"
+            assert len(table) == len(self._slots) - len(self._free), "the table has keys no slot holds"
+            assert ready == self._ready, "ready sets disagree with the slots"
+            assert inflight == self._inflight and loading == self._loading, \
+                f"in flight {inflight}/{self._inflight}, loading {loading}/{self._loading}"
+            assert pins == self._pins == sum(self._pins_by_thread.values()), \
+                f"pins {pins}, counted {self._pins}, by thread {self._pins_by_thread}"
+            assert candidates == self.strategy.candidates, f"{candidates} candidates, policy has " \
+                f"{self.strategy.candidates}"
+            assert int((self.pool.table >= 0).sum()) == sum(len(v) for v in ready.values()), \
+                "the slot table shows experts no slot holds"
+
     @property
     def allocated_bytes(self) -> int:
         return len(self._slots) * self.slot_bytes
@@ -862,9 +909,7 @@ class ExpertCache:
             deferred = missing
         elif missing:
             queue = self._queue_misses and self.prefetching
-            me = threading.current_thread()
             ids = self._load_ids
-            state = _QUEUED if queue else _LOADING
             for i, e in enumerate(missing):
                 slot = self._free_or_victim()
                 if slot is None:
@@ -877,40 +922,38 @@ class ExpertCache:
                     return None
                 key = (layer, e)
                 slot.key = key
-                slot.state = state
+                slot.state = _QUEUED          # LOADING once the reservation stands (below)
                 slot.load_id = next(ids)
                 slot.pins = 1
                 table[key] = slot
                 held[e] = slot
                 assigned.append(slot)
+                self._inflight += 1
+                self._pins += 1
+                pins[tid] += 1
                 if queue:
                     slot.prefetched = True
                     items.append((slot, key, slot.load_id))
                     pending.append(e)
                 else:
-                    slot.loader = me
                     batch.append((e, slot))
-            n = len(assigned)
-            self._inflight += n
-            self._pins += n
-            pins[tid] += n
-            if batch:
-                self._loading += len(batch)
         if not resident_first and (pending or deferred or batch):
             # the given order: from the first expert not ready on, each is taken when reached
             rank = {e: i for i, e in enumerate(req)}
             first = min(rank[e] for e in pending + deferred + [b[0] for b in batch])
-            for e, slot in batch:       # nothing was read yet: back to QUEUED, freed when unpinned
-                slot.state = _QUEUED
-                slot.loader = None
-                self._loading -= 1
             deferred = req[first:]
-            for e in deferred:
+            for e in deferred:                # unpinned: a reserved slot nobody loaded is freed
                 slot = held.pop(e, None)
                 if slot is not None:
                     self._unpin_slot(slot, tid)
             ready = [e for e in ready if rank[e] < first]
             pending, batch, items = [], [], []
+        if batch:                             # the caller reads these now (_load_batch)
+            me = threading.current_thread()
+            for _e, slot in batch:
+                slot.state = _LOADING
+                slot.loader = me
+            self._loading += len(batch)
         counts = lease._counts
         lease._ready = [(e, held[e]) for e in ready]
         for e, slot in lease._ready:          # resident: the use happens now
