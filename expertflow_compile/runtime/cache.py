@@ -1314,8 +1314,12 @@ class ExpertCache:
         once, and read in one call when the store can (``read_many``); a failure there
         retries the items one by one so that only the failing ones fail."""
         if self._read_many is None or len(batch) < 2:
+            done: dict[int, int] = {}
             for item in batch:
-                self._worker_load(item)
+                if self._worker_load(item, count=False):
+                    done[item[1][0]] = done.get(item[1][0], 0) + 1
+            for layer, n in done.items():
+                self.stats.add(layer, prefetch_loads=n, bytes_moved=n * self._expert_bytes[layer])
             return
         me = threading.current_thread()
         with self._lock:
@@ -1357,23 +1361,26 @@ class ExpertCache:
         self._loading += 1
         return True
 
-    def _worker_load(self, item) -> None:
+    def _worker_load(self, item, count: bool = True) -> bool:
         slot, key, load_id = item
         with self._lock:
             if not self._worker_take(slot, key, load_id, threading.current_thread()):
-                return
-        self._worker_read(slot, key)
+                return False
+        return self._worker_read(slot, key, count)
 
-    def _worker_read(self, slot: _Slot, key) -> None:
+    def _worker_read(self, slot: _Slot, key, count: bool = True) -> bool:
+        """Read a slot the worker took; True when it loaded (counted unless ``count=False``)."""
         try:
             self._load(slot, key[0], key[1], background=True)
         except BaseException as exc:
             self._worker_failed(slot, key, exc)
-            return
+            return False
         with self._lock:
             self._loading -= 1
             self._set_ready(slot)
-        self.stats.add(key[0], prefetch_loads=1, bytes_moved=self._expert_bytes[key[0]])
+        if count:
+            self.stats.add(key[0], prefetch_loads=1, bytes_moved=self._expert_bytes[key[0]])
+        return True
 
     def _worker_failed(self, slot: _Slot, key, exc: BaseException) -> None:
         with self._lock:

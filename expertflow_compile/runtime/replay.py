@@ -36,6 +36,7 @@ import torch
 
 from .cache import ExpertCache
 from .policies import PredictivePolicy
+from .prediction.common import ranked_votes
 from .stats import RuntimeStats
 from .store import ExpertSpec, ExpertStore
 
@@ -217,7 +218,7 @@ def call_predictions(trace, calls: list[LayerCall], candidates: dict[int, torch.
     for c in calls:
         idx = torch.tensor(c.tokens)
         targets = [c.layer] if issue == "layer" else (layers if c.layer == layers[0] else [])
-        out.append([(t, _ranked(candidates[t][idx], trace.num_experts[t])) for t in targets])
+        out.append([(t, ranked_votes(candidates[t][idx], trace.num_experts[t])[0]) for t in targets])
     return out
 
 
@@ -274,11 +275,6 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     tokens = len({t for c in calls for t in c.tokens})
     return ReplayResult(policy, predictor, slots, s["hits"] + s["misses"], s["hits"] - s["inflight_waits"],
                         s["demand_loads"] + s["prefetch_loads"], s["demand_loads"], s["prefetch_loads"], tokens)
-
-
-def _ranked(top: torch.Tensor, num_experts: int) -> list[int]:
-    votes = torch.bincount(top.reshape(-1), minlength=num_experts)
-    return [e for e in torch.argsort(votes, descending=True, stable=True).tolist() if votes[e] > 0]
 
 
 def _oracle_hints(cache: ExpertCache, uses, i: int) -> None:
