@@ -49,6 +49,7 @@ from .registry import (  # noqa: F401 - the registry's names stay importable fro
     unregister_engine,
 )
 from .stats import RuntimeStats
+from .store import ExpertList
 
 __all__ = ["ExpertEngine", "LayerPlan", "LAYER_SHIFT", "get_engine", "engine_for_tensor", "engines_for_module",
            "attach_store", "attached_store", "engine_for_store"]
@@ -258,8 +259,6 @@ class ExpertEngine:
     # ----- the grouped GEMM -----------------------------------------------------------
     def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2=None,
                      up_list=None, down_list=None):
-        from .store import ExpertList
-
         if up_list is not None:     # ModuleDict experts: one tensor per expert
             w_up = ExpertList(up_list)
         if down_list is not None:

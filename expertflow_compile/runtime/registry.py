@@ -16,6 +16,8 @@ import weakref
 
 import torch
 
+from .store import ExpertList, TensorExpertStore
+
 __all__ = ["attach_store", "attached_store", "engine_for_store", "get_engine", "engine_for_tensor",
            "engines_for_module"]
 
@@ -48,8 +50,6 @@ def attached_store(tensor: torch.Tensor | None):
 
 
 def _tensor_store_type():
-    from .store import TensorExpertStore
-
     return TensorExpertStore
 
 
@@ -70,8 +70,6 @@ def get_engine(engine_id: int):
 
 def _ident(t):
     """The tensor that identifies a layer's expert weights (the first of an ExpertList)."""
-    from .store import ExpertList
-
     return t.tensors[0] if isinstance(t, ExpertList) else t
 
 
