@@ -19,7 +19,7 @@ from .errors import OptionError
 
 __all__ = ["ExpertFlowConfig", "OptionError", "POLICIES", "PREDICTORS", "INNER_BACKENDS", "KERNELS"]
 
-POLICIES = ("lru", "lfu", "predictive")
+from .runtime.policies import POLICIES  # noqa: E402 - the one list of policy names
 KERNELS = ("auto", "torch", "triton")
 PREDICTORS = ("none", "lookahead", "path", "oracle")
 INNER_BACKENDS = ("eager", "aot_eager", "inductor")

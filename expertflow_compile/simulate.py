@@ -1,7 +1,8 @@
 """``expertflow simulate``: project decode speed and memory of real model sizes.
 
 A PROJECTION, not a measurement. It replays recorded routing through the same
-``ExpertCache`` policy code the runtime uses (``runtime/replay.py``) and prices each
+``ExpertCache`` policy code the runtime uses (``runtime/replay.py``, through the cache's
+public interface; a tqdm bar shows the replays) and prices each
 MoE layer call with a simple cost model for a hardware profile:
 
 * decode at small batch is memory-bound: a layer's compute time is the bytes it reads
@@ -178,8 +179,12 @@ def map_trace(trace, shape: ModelShape):
 
 
 def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[float],
-             predictors=("none", "lookahead"), batch: int = 1, max_tokens: int | None = 256) -> list[dict]:
-    """Projected tokens/s and memory per (budget, predictor) for ``shape`` on ``profile``."""
+             predictors=("none", "lookahead"), batch: int = 1, max_tokens: int | None = 256,
+             progress: bool = True) -> list[dict]:
+    """Projected tokens/s and memory per (budget, predictor) for ``shape`` on ``profile``
+    (a tqdm bar over the cache replays unless ``progress=False``)."""
+    from tqdm import tqdm
+
     from .runtime.replay import call_predictions, candidate_sets, layer_calls, replay
 
     mapped = map_trace(trace, shape)
@@ -200,15 +205,21 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
              "loads_per_token": 0.0, "stall_share": 0.0,
              "fits": (shape.dense_bytes + shape.all_expert_bytes) / 2**30 <= profile.device_GiB}]
     total_experts = shape.num_layers * shape.num_experts
+    bar = tqdm(total=len(budgets) * len(predictors), desc=f"simulating {shape.name}", unit="replay",
+               disable=not progress)
+    preds_of: dict = {}
     for share in budgets:
         slots = max(shape.top_k, int(math.floor(share * total_experts)))
         for pred in predictors:
+            bar.set_postfix_str(f"{100 * share:g}% {pred}")
             per_call: list = []
             if pred == "none":
                 res = replay(mapped, calls, slots, "lru", "none", per_call=per_call)
             else:
-                preds = call_predictions(mapped, calls, candidate_sets(mapped, pred, extra=per_extra(shape)), "layer")
-                res = replay(mapped, calls, slots, "predictive", pred, predictions=preds, per_call=per_call)
+                if pred not in preds_of:   # the same predictions at every budget
+                    preds_of[pred] = call_predictions(mapped, calls, candidate_sets(mapped, pred, extra=per_extra(shape)),
+                                                      "layer")
+                res = replay(mapped, calls, slots, "predictive", pred, predictions=preds_of[pred], per_call=per_call)
             t = stall = 0.0
             for c, (pf, dm) in zip(calls, per_call):
                 pf_s, dm_s = pf * eb / bw_link, dm * eb / bw_link
@@ -221,6 +232,8 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                          "tokens_per_s": tokens / t, "device_GiB": mem, "ready_rate": res.ready_rate,
                          "loads_per_token": res.loads_per_token, "stall_share": stall / t,
                          "fits": mem <= profile.device_GiB})
+            bar.update(1)
+    bar.close()
     return rows
 
 

@@ -3,7 +3,8 @@
 import torch
 
 import expertflow_compile as ef
-from expertflow_compile.runtime.engine import LAYER_SHIFT, engines_for_module
+from expertflow_compile.runtime.engine import engines_for_module
+from expertflow_compile.runtime.prediction import LookaheadPredictor, Ranked
 from expertflow_compile.testing.tiny_models import build_tiny_model
 
 from helpers import CapturingBackend
@@ -37,6 +38,21 @@ def test_lookahead_is_exact_and_raises_ready_rate():
     assert s["prefetch_issued"] > 0
 
 
+class InvertedLookahead:
+    """A deliberately wrong predictor through the public interface: every expert lookahead
+    does NOT name, for the same layers."""
+
+    def __init__(self):
+        self.inner = LookaheadPredictor()
+
+    def predict(self, view, layer, hidden):
+        out = []
+        for r in self.inner.predict(view, layer, hidden):
+            rest = [e for e in range(view.num_experts[r.layer]) if e not in set(r.experts)]
+            out.append(Ranked(r.layer, rest, [1] * len(rest)))
+        return out
+
+
 def test_deliberately_wrong_predictor_same_tokens_more_loads():
     def run(wrong: bool):
         torch._dynamo.reset()
@@ -48,22 +64,7 @@ def test_deliberately_wrong_predictor_same_tokens_more_loads():
             model(x)   # compile
         (engine,) = engines_for_module(model)
         if wrong:
-            good = engine._lookahead
-
-            def inverted(layer, hidden):
-                codes = good(layer, hidden)
-                by_layer = {}
-                for c in codes:
-                    by_layer.setdefault(c >> LAYER_SHIFT, set()).add(c & ((1 << LAYER_SHIFT) - 1))
-                engine._predicted.clear()
-                out = []
-                for l, chosen in by_layer.items():
-                    rest = [e for e in range(engine.layers[l].num_experts) if e not in chosen]
-                    engine._predicted[l] = set(rest)
-                    out.extend((l << LAYER_SHIFT) | e for e in rest)
-                return out
-
-            engine._lookahead = inverted
+            engine.predictor = InvertedLookahead()
         ef.reset_stats(model)
         out = model.generate(x, max_new_tokens=10, do_sample=False)
         return torch.equal(out, ref), ef.stats(model)

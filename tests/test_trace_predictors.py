@@ -139,7 +139,7 @@ def test_path_predictor_beats_random_and_refuses_other_models(tiny, trained, tmp
     from expertflow_compile.config import ExpertFlowConfig
     cfg = ExpertFlowConfig.from_options({"predictor": "path", "predictor_path": path})
     with pytest.raises(ValueError, match="router digest"):
-        make_predictor(cfg, engine)
+        make_predictor(cfg, engine.view())
 
 
 def test_live_path_predictor_generates_the_same_tokens(trained, tmp_path):
@@ -156,3 +156,77 @@ def test_live_path_predictor_generates_the_same_tokens(trained, tmp_path):
     (engine,) = engines_for_module(live)
     assert isinstance(engine.predictor, PathPredictor)
     assert engine.prediction["predicted"] > 0 and engine.stats_dict()["predictor_recall"] > 0
+
+
+def _view_of(model):
+    model.compile(backend="expertflow")
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    (engine,) = engines_for_module(model)
+    return engine.view()
+
+
+def test_oracle_refuses_a_trace_of_another_model(tiny, tmp_path):
+    from expertflow_compile.config import ExpertFlowConfig
+    from expertflow_compile.runtime.prediction import OraclePredictor
+
+    _, _, trace = tiny
+    assert trace.meta["router_digest"]
+    path = str(tmp_path / "trace.safetensors")
+    trace.save(path)
+    cfg = ExpertFlowConfig.from_options({"predictor": "oracle", "predictor_path": path})
+    torch._dynamo.reset()
+    same = _view_of(build_tiny_model("mixtral", num_layers=3, seed=4))     # the traced model, rebuilt
+    assert isinstance(make_predictor(cfg, same), OraclePredictor)
+    torch._dynamo.reset()
+    other = build_tiny_model("mixtral", num_layers=3, seed=5)    # same family and layers, other weights
+    with pytest.raises(ValueError, match="router digest"):
+        make_predictor(cfg, _view_of(other))
+    # an old trace without a router digest cannot be checked: refused, naming the file
+    trace.meta.pop("router_digest")
+    trace.save(path)
+    with pytest.raises(ValueError, match=f"{path}.*no router digest"):
+        make_predictor(cfg, same)
+
+
+def test_file_errors_name_the_path(tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    for load, what in ((RoutingTrace.load, "routing trace"), (PathPredictor.load, "path-predictor file")):
+        for bad in (garbage, tmp_path, tmp_path / "missing.safetensors"):
+            with pytest.raises(ValueError, match=f"{what} '{bad}'"):
+                load(str(bad))
+
+
+def test_a_crafted_predictor_file_is_refused_before_allocating(trained, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "pred.safetensors")
+    trained.save(path)
+    with safe_open(path, framework="pt") as f:
+        md = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(md["expertflow"])
+    for field, value in (("width", 2 ** 24), ("in_dim", 2 ** 24), ("num_experts", 2 ** 20), ("width", -3),
+                         ("layers", "all")):
+        crafted = dict(info, **{field: value})
+        bad = str(tmp_path / f"crafted_{field}.safetensors")
+        save_file(state, bad, metadata={"expertflow": json.dumps(crafted), "fingerprint": md["fingerprint"]})
+        # a net of these sizes would take terabytes: the sizes are checked against the
+        # file's own tensors (and the model) before anything is built
+        with pytest.raises(ValueError, match="path predictor") as exc:
+            PathPredictor.load(bad)
+        assert bad in str(exc.value)
+
+
+def test_a_predictor_for_other_layers_is_refused_before_reading_its_tensors(trained, tmp_path):
+    from expertflow_compile.runtime.prediction import ModelView
+
+    path = str(tmp_path / "pred.safetensors")
+    trained.save(path)
+    view = ModelView(order=(0, 1), num_experts={0: 8, 1: 8}, top_k={0: 2, 1: 2})
+    with pytest.raises(ValueError, match="MoE layers"):
+        PathPredictor.load(path, view=view)

@@ -1,104 +1,60 @@
-"""The per-model engine behind the ``expertflow::*`` ops.
+"""The per-model engine behind the ``expertflow::*`` ops: the top of the runtime.
 
 One :class:`ExpertEngine` serves one compiled model: it knows each rewritten MoE
 layer (its :class:`~expertflow_compile.kernels.reference.ExpertMath`), owns the
 expert cache when a budget is set, the predictor, and the stats. Graph nodes refer
-to it by an integer id (custom ops cannot take Python objects); the registry also
-maps each expert weight tensor to its engine so that ``stats(model)`` finds it.
+to it by an integer id (custom ops cannot take Python objects); the registry
+(:mod:`.registry`, re-exported here) maps ids and expert weight tensors to engines.
+
+Per MoE layer call the engine makes one host transfer (the per-expert offsets of the
+permuted routing) and one cache call: ``ExpertCache.acquire_layer`` with the layer's
+unique experts, whose lease yields resident experts first while the missing ones load,
+releasing each once its compute is issued (torch path); the fused Triton path holds them
+all and reads the cache's slot table instead. Predictions go from the predict op to the
+prefetch op host-side (the codes tensor is only the graph's dependency), so prediction
+adds no host sync either.
+
+The runtime reads top-down: ``store``/``stats``/``budget`` -> ``policies``/``pool`` ->
+``cache``; ``trace`` -> ``prediction`` (no engine import); ``registry``; this module on
+top. Nothing below imports it.
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..config import ExpertFlowConfig
 from ..kernels.reference import ExpertMath, combine_topk, expert_forward, prescale_rows
+from .prediction import LAYER_SHIFT, LookaheadPredictor, ModelView, cap, decode, encode, make_predictor
+from .layer_math import layer_forward
+from .registry import (  # noqa: F401 - the registry's names stay importable from here
+    _ATTACHED_STORES,
+    _ATTR,
+    _ENGINES,
+    _LOCK,
+    _attached,
+    _ident,
+    _tensor_store_type,
+    attach_store,
+    attached_store,
+    engine_for_store,
+    engine_for_tensor,
+    engines_for_module,
+    get_engine,
+    register_engine,
+    unregister_engine,
+)
+from .stats import RuntimeStats
+from .store import ExpertList
 
-__all__ = ["ExpertEngine", "LayerPlan", "get_engine", "engine_for_tensor", "engines_for_module"]
+__all__ = ["ExpertEngine", "LayerPlan", "LAYER_SHIFT", "get_engine", "engine_for_tensor", "engines_for_module",
+           "attach_store", "attached_store", "engine_for_store"]
 
 log = logging.getLogger("expertflow_compile")
-
-# engines are owned by their model: each expert weight tensor holds its engine in the
-# attribute ``_expertflow_engine``; this registry only maps graph ids to live engines
-_ENGINES: "weakref.WeakValueDictionary[int, ExpertEngine]" = weakref.WeakValueDictionary()
-_ATTR = "_expertflow_engine"
-_IDS = itertools.count(1)
-_LOCK = threading.Lock()
-LAYER_SHIFT = 20  # predicted ids are encoded layer << LAYER_SHIFT | expert
-
-
-_ATTACHED_STORES: dict[int, tuple[weakref.ref, object]] = {}
-
-
-def attach_store(tensor: torch.Tensor, store, layer: int | None = None) -> None:
-    """Declare that the experts behind ``tensor`` (an expert weight of a model, usually a
-    zero-stride placeholder) live in ``store`` (e.g. a SafetensorsExpertStore) as the
-    store's MoE layer ``layer``: the engine built when the model is compiled uses it as
-    its host tier."""
-    _ATTACHED_STORES[id(tensor)] = (weakref.ref(tensor), store, layer)
-
-
-def _attached(tensor: torch.Tensor | None):
-    entry = _ATTACHED_STORES.get(id(tensor)) if tensor is not None else None
-    if entry is None or entry[0]() is not tensor:
-        return None
-    return entry
-
-
-def attached_store(tensor: torch.Tensor | None):
-    entry = _attached(tensor)
-    return None if entry is None else entry[1]
-
-
-def _tensor_store_type():
-    from .store import TensorExpertStore
-
-    return TensorExpertStore
-
-
-def engine_for_store(store) -> "ExpertEngine | None":
-    """The open engine reading its experts from ``store`` (a loader's disk tier)."""
-    with _LOCK:
-        engines = list(_ENGINES.values())
-    return next((e for e in engines if not e._closed and e.store is store), None)
-
-
-def get_engine(engine_id: int) -> "ExpertEngine":
-    try:
-        return _ENGINES[engine_id]
-    except KeyError:
-        raise RuntimeError(f"expertflow engine {engine_id} no longer exists (its model was deleted "
-                           "or reset); recompile the model") from None
-
-
-def _ident(t):
-    """The tensor that identifies a layer's expert weights (the first of an ExpertList)."""
-    from .store import ExpertList
-
-    return t.tensors[0] if isinstance(t, ExpertList) else t
-
-
-def engine_for_tensor(t: torch.Tensor | None) -> "ExpertEngine | None":
-    """The engine serving the expert weight tensor ``t`` (None if there is none)."""
-    t = _ident(t)
-    eng = getattr(t, _ATTR, None) if t is not None else None
-    return eng if eng is not None and not eng._closed else None
-
-
-def engines_for_module(module: torch.nn.Module) -> list["ExpertEngine"]:
-    """Every engine serving a parameter of ``module`` (each once, in discovery order)."""
-    found: dict[int, ExpertEngine] = {}
-    for p in itertools.chain(module.parameters(), module.buffers()):
-        eng = engine_for_tensor(p)
-        if eng is not None:
-            found.setdefault(eng.id, eng)
-    return list(found.values())
 
 
 @dataclass
@@ -125,19 +81,36 @@ class LayerPlan:
         return t
 
 
+def _spans(offsets: torch.Tensor, num_pairs: int, layer: int, num_experts: int):
+    """``(active experts, offs)`` from the permute op's offsets: the one host transfer."""
+    offs = offsets.tolist()
+    if offs[-1] != num_pairs:
+        raise RuntimeError(f"expertflow: MoE layer {layer} got expert ids outside [0, {num_experts}) "
+                           f"({num_pairs - offs[-1]} of {num_pairs} (token, k) pairs); refusing "
+                           "to drop them silently")
+    nxt = offs[1:]
+    return [e for e, (a, b) in enumerate(zip(offs, nxt)) if b > a], offs
+
+
+def _signature(t):
+    """What identifies a weight tensor's memory (its views stay valid while it lives)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):      # an ExpertList: its tensors
+        return tuple(_signature(x) for x in t.tensors)
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
 class ExpertEngine:
     """Runtime state of one compiled model (see module docstring)."""
 
     def __init__(self, config: ExpertFlowConfig):
-        from .stats import RuntimeStats
-
         self.config = config
-        self.id = next(_IDS)
         self.layers: dict[int, LayerPlan] = {}
         self.stats = RuntimeStats()
         self.cache = None            # an ExpertCache when offloading
         self.store = None            # the host tier when offloading
-        self.predictor = None
+        self.predictor = None        # a plug-in predictor (path / oracle); lookahead is built in
         self.graph_reports: list = []
         self._layer_tensors: dict[int, dict[str, torch.Tensor]] = {}
         self.routers: dict[int, tuple] = {}
@@ -146,17 +119,21 @@ class ExpertEngine:
         # grouped_gemm; kind "lookahead" -> (router logits [T, E] of `layer` applied to the
         # residual stream before its attention). Set by record_routing.
         self.recorder = None
-        self._predicted: dict[int, set[int]] = {}
+        self._lookahead = LookaheadPredictor()
+        self._view: ModelView | None = None
+        self._handoff: dict[int, tuple] = {}      # layer -> (codes tensor, predictions): predict -> prefetch
+        self._predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its next call
         self.prediction = {"true_positive": 0, "predicted": 0, "used": 0}
         self._cache_layers: tuple[int, ...] = ()
+        self._views_of: dict[int, tuple] = {}     # layer -> (weights, per-expert views)
         self._closed = False
-        with _LOCK:
-            _ENGINES[self.id] = self
+        self.id = register_engine(self)
 
     # ----- registration -------------------------------------------------------------
     def register_layer(self, plan: LayerPlan, tensors: list[torch.Tensor]) -> None:
         """Add a rewritten layer and tie its weight tensors to this engine."""
         self.layers[plan.layer] = plan
+        self._view = None
         up, down, b_up, b_down, up2 = (list(tensors) + [None] * 5)[:5]
         self._layer_tensors[plan.layer] = {
             k: v for k, v in (("up", up), ("down", down), ("up_bias", b_up), ("down_bias", b_down), ("up2", up2))
@@ -167,66 +144,74 @@ class ExpertEngine:
                 if x is not None:
                     setattr(x, _ATTR, self)   # the model owns its engine (and so its cache thread)
 
-    # ----- ops ----------------------------------------------------------------------
     def register_router(self, layer: int, fn, params: list[torch.Tensor]) -> None:
         """Layer ``layer``'s router chain, ``fn(h, *params) -> logits``, applicable to the
         residual stream before its attention (used by the lookahead predictor)."""
         self.routers[layer] = (fn, params)
+        self._view = None
 
+    def view(self) -> ModelView:
+        """The model as predictors see it (rebuilt when layers or routers change)."""
+        v = self._view
+        if v is None:
+            order = tuple(sorted(self.layers))
+            v = self._view = ModelView(
+                order=order, num_experts={l: self.layers[l].num_experts for l in order},
+                top_k={l: self.layers[l].top_k for l in order}, depth=self.config.lookahead_depth,
+                extra=self.config.prefetch_extra, routers=dict(self.routers))
+        return v
+
+    # ----- prediction ---------------------------------------------------------------
     def predict(self, layer: int, hidden: torch.Tensor, width: int) -> torch.Tensor:
         out = torch.full((width,), -1, dtype=torch.int64, device=hidden.device)
-        codes = None
-        if self.predictor is not None:        # a plug-in: path / oracle (runtime/predictors.py)
-            codes = self.predictor.predict(self, layer, hidden)
-        elif self.config.predictor == "lookahead" or self.recorder is not None:
-            codes = self._lookahead(layer, hidden)
-            if self.config.predictor != "lookahead":
-                codes = None                  # recorded only
+        if self.predictor is None and self.recorder is None and self.config.predictor != "lookahead":
+            self._handoff[layer] = (out, ())
+            return out
+        preds = cap(self._predictions(layer, hidden), width)
+        if not preds:
+            self._handoff[layer] = (out, ())
+            return out
+        for r in preds:
+            self._predicted[r.layer] = set(r.experts)
+        codes = encode(preds, width)
         if codes:
-            n = min(width, len(codes))
-            if n:
-                out[:n] = torch.as_tensor(codes[:n], dtype=torch.int64)
+            src = torch.tensor(codes, dtype=torch.int64)
+            if out.is_cuda:   # no host sync: a pinned copy, asynchronous
+                out[:len(codes)].copy_(src.pin_memory(), non_blocking=True)
+            else:
+                out[:len(codes)] = src
+        self._handoff[layer] = (out, preds)
         return out
 
-    def _lookahead(self, layer: int, hidden: torch.Tensor) -> list[int]:
-        """Apply the routers of ``layer`` .. ``layer + depth - 1`` to ``hidden``; per layer the
-        union of each token's top (k + prefetch_extra) experts, most voted first."""
-        order = sorted(self.layers)
-        if layer not in order:
-            return []
-        start = order.index(layer)
-        codes: list[int] = []
-        with torch.no_grad():
-            for target in order[start:start + self.config.lookahead_depth]:
-                router = self.routers.get(target)
-                if router is None:
-                    continue
-                fn, params = router
-                logits = fn(hidden, *params)
-                logits = logits.reshape(-1, logits.shape[-1]).float()
-                if self.recorder is not None and target == layer:
-                    self.recorder("lookahead", target, logits)
-                plan = self.layers[target]
-                k = min(plan.top_k + self.config.prefetch_extra, plan.num_experts)
-                top = logits.topk(k, dim=-1).indices.reshape(-1)
-                votes = torch.bincount(top, minlength=plan.num_experts)
-                ranked = [e for e in torch.argsort(votes, descending=True, stable=True).tolist() if votes[e] > 0]
-                self._predicted[target] = set(ranked)
-                codes.extend((target << LAYER_SHIFT) | e for e in ranked)
-        return codes
+    def _predictions(self, layer: int, hidden: torch.Tensor):
+        view = self.view()
+        if self.predictor is not None:        # a plug-in: path / oracle (runtime/prediction)
+            return self.predictor.predict(view, layer, hidden)
+        rec = self.recorder
+        if self.config.predictor == "lookahead" or rec is not None:
+            hook = None if rec is None else (lambda l, logits: rec("lookahead", l, logits))
+            preds = self._lookahead.predict(view, layer, hidden, on_logits=hook)
+            if self.config.predictor == "lookahead":
+                return preds
+        return []
 
     def prefetch(self, layer: int, predicted: torch.Tensor) -> None:
+        handoff = self._handoff.pop(layer, None)
         if self.cache is None:
             return
-        wanted: dict[int, list[int]] = {}
-        for code in predicted.tolist():
-            if code >= 0:
-                wanted.setdefault(code >> LAYER_SHIFT, []).append(code & ((1 << LAYER_SHIFT) - 1))
-        for target_layer, experts in wanted.items():
-            if target_layer in self.layers:
-                n = self.layers[target_layer].num_experts   # a router may score more (identity experts)
-                self.cache.prefetch(target_layer, [x for x in experts if x < n])
+        if handoff is not None and handoff[0] is predicted:
+            preds = handoff[1]
+        else:                                  # not the predict op's own tensor: read the codes
+            preds = decode(predicted.tolist())
+        for r in preds:
+            plan = self.layers.get(r.layer)
+            if plan is None or not r.experts:
+                continue
+            n = plan.num_experts           # a router may score more (identity experts)
+            experts = r.experts if max(r.experts) < n else [x for x in r.experts if x < n]
+            self.cache.prefetch(r.layer, experts)
 
+    # ----- layers -------------------------------------------------------------------
     def layer_number_for(self, layer: int, w_up, reserved=()) -> int:
         """The layer number under which the experts ``w_up`` are (or will be) known: the
         one they already have, ``layer`` if it is free, else the layer index attached to
@@ -262,18 +247,18 @@ class ExpertEngine:
         new = entry[2] if entry is not None and entry[2] is not None else max(self._layer_tensors) + 1
         if new in self._layer_tensors:
             raise RuntimeError(f"expertflow: experts of MoE layer {new} arrived twice with different tensors")
-        import dataclasses
-
         self.register_layer(dataclasses.replace(self.layers[layer], layer=new), [w_up, w_down, b_up, b_down, w_up2])
         log.info("expertflow: a compiled graph is shared by another MoE module; bound it as layer %d", new)
         if self.cache is not None:
-            self.build_cache(self.store if not isinstance(self.store, _tensor_store_type()) else None)
+            from .host_tensors import StackedTensorStore
+
+            own = isinstance(self.store, (_tensor_store_type(), StackedTensorStore))
+            self.build_cache(None if own else self.store)
         return new
 
+    # ----- the grouped GEMM -----------------------------------------------------------
     def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2=None,
                      up_list=None, down_list=None):
-        from .store import ExpertList
-
         if up_list is not None:     # ModuleDict experts: one tensor per expert
             w_up = ExpertList(up_list)
         if down_list is not None:
@@ -281,12 +266,7 @@ class ExpertEngine:
         layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down, w_up2)
         plan = self.layers[layer]
         w_up, w_down, w_up2 = plan.viewed("up", w_up), plan.viewed("down", w_down), plan.viewed("up2", w_up2)
-        offs = offsets.tolist()
-        if offs[-1] != order.numel():
-            raise RuntimeError(f"expertflow: MoE layer {layer} got expert ids outside [0, {plan.num_experts}) "
-                               f"({order.numel() - offs[-1]} of {order.numel()} (token, k) pairs); refusing "
-                               "to drop them silently")
-        active = [e for e in range(plan.num_experts) if offs[e + 1] > offs[e]]
+        active, offs = _spans(offsets, order.numel(), layer, plan.num_experts)
         top_k = topk_weights.shape[-1]
         if self.recorder is not None:
             ids = torch.empty(order.numel(), dtype=torch.int64)
@@ -306,20 +286,50 @@ class ExpertEngine:
         rows = hidden[order // top_k]
         if plan.math.prescale:
             rows = prescale_rows(rows, topk_weights, order)
-        out_rows = torch.zeros(rows.shape[0], plan.out_features, dtype=plan.rows_dtype,
-                               device=hidden.device)
-        if self.cache is None:
+        if not active:
+            out_rows = rows.new_zeros((0, plan.out_features), dtype=plan.rows_dtype)
+        elif self.cache is None:
             self.stats.add(layer, hits=len(active))
-            for e in active:
-                weights = {"up": w_up[e], "down": w_down[e],
-                           "up_bias": b_up[e] if b_up is not None else None,
-                           "down_bias": b_down[e] if b_down is not None else None,
-                           "up2": w_up2[e] if w_up2 is not None else None}
-                out_rows[offs[e]:offs[e + 1]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
+            per = self._resident_views(plan, w_up, w_down, b_up, b_down, w_up2)
+            out_rows = layer_forward(rows, [(offs[e], offs[e + 1]) for e in active], [per[e] for e in active],
+                                     plan.math)
         else:
-            self._cached_experts(plan, active, offs, rows, out_rows)
+            out_rows = self._cached_experts(plan, active, offs, rows)
+        if out_rows.dtype != plan.rows_dtype:
+            out_rows = out_rows.to(plan.rows_dtype)
         return combine_topk(out_rows, torch.ones_like(topk_weights) if plan.math.prescale else topk_weights,
                             order, hidden.dtype)
+
+    def _resident_views(self, plan, w_up, w_down, b_up, b_down, w_up2) -> list:
+        """Per expert ``{name: tensor}`` of the model's own weights (made once per layer)."""
+        key = tuple(_signature(t) for t in (w_up, w_down, b_up, b_down, w_up2))
+        hit = self._views_of.get(plan.layer)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        per = [{"up": w_up[e], "down": w_down[e],
+                "up_bias": b_up[e] if b_up is not None else None,
+                "down_bias": b_down[e] if b_down is not None else None,
+                "up2": w_up2[e] if w_up2 is not None else None} for e in range(plan.num_experts)]
+        self._views_of[plan.layer] = (key, per)
+        return per
+
+    def _cached_experts(self, plan, active, offs, rows) -> torch.Tensor:
+        """One cache call for the layer: every expert held until the layer's math is issued;
+        when the slots cannot hold them all, in chunks, one expert at a time."""
+        first = self.config.resident_first   # False: measurement baseline, expert-id order, loads on demand
+        lease = self.cache.acquire_layer(plan.layer, active, resident_first=first, loads="issue" if first else "lazy")
+        try:
+            if lease.chunked:
+                parts: list = [None] * len(active)
+                index = {e: i for i, e in enumerate(active)}
+                for e, weights in lease:
+                    parts[index[e]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
+                return torch.cat(parts)
+            views = lease.wait_all()
+            return layer_forward(rows, [(offs[e], offs[e + 1]) for e in active], [views[e] for e in active],
+                                 plan.math)
+        finally:
+            lease.release()
 
     def _activation_kind(self, plan: LayerPlan, n_up: int, dtype, device):
         """The Triton activation kind of a layer's gating (None: the kernels don't have it)."""
@@ -338,7 +348,7 @@ class ExpertEngine:
             return None
         if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
-        from ..kernels.triton_moe import slot_tables_from_views, triton_grouped_experts
+        from ..kernels.triton_moe import triton_grouped_experts
 
         n_up = (w_up.shape[-1] if plan.math.up_transposed else w_up.shape[-2])
         kind = self._activation_kind(plan, n_up, hidden.dtype, hidden.device)
@@ -354,41 +364,22 @@ class ExpertEngine:
         if self.cache is None:
             self.stats.add(plan.layer, hits=len(active))
             return triton_grouped_experts(hidden, ids, topk_weights, w_up, w_down, b_up, b_down, **args)
-        if len(active) > self.cache.num_slots:   # cannot pin them all at once: per-expert torch path
+        cache = self.cache
+        if len(active) > cache.num_slots:   # cannot hold them all at once: per-expert torch path
             return None
-        cache, layer = self.cache, plan.layer
-        resident = [e for e in active if cache.is_resident(layer, e)]
-        cache.prefetch(layer, resident + [e for e in active if e not in set(resident)])
-        views = {}
+        lease = cache.acquire_layer(plan.layer, active, all_at_once=True)
         try:
-            for e in active:
-                views[e] = cache.acquire(layer, e)
-            tables = slot_tables_from_views(views, plan.num_experts, up_transposed=plan.math.up_transposed,
-                                            down_transposed=plan.math.down_transposed, device=hidden.device)
-            out = triton_grouped_experts(hidden, ids, topk_weights, **tables, **args)
-            if hidden.is_cuda:   # the slots must stay put until the kernels have read them
-                torch.cuda.current_stream(hidden.device).synchronize()
-            return out
+            lease.wait_all()
+            tables = cache.pool.triton_tables(plan.layer, up_transposed=plan.math.up_transposed,
+                                              down_transposed=plan.math.down_transposed)
+            # the slot table row (on the device for CUDA); the slots stay put until the kernels
+            # have read them: release() records an event that a slot's refill waits on
+            return triton_grouped_experts(hidden, ids, topk_weights, **tables, slot_of_expert=cache.slot_row(plan.layer),
+                                          **args)
         finally:
-            for e in views:
-                cache.release(layer, e)
+            lease.release()
 
-    def _cached_experts(self, plan, active, offs, rows, out_rows) -> None:
-        """Resident experts first while the misses load; each expert pinned only while it computes."""
-        cache, layer = self.cache, plan.layer
-        resident = [e for e in active if cache.is_resident(layer, e)]
-        missing = [e for e in active if e not in set(resident)]
-        if not self.config.resident_first:   # measurement baseline: expert-id order, loads on demand
-            resident, missing = [], list(active)
-        elif missing:   # residents are named too: the request never evicts them
-            cache.prefetch(layer, resident + missing)
-        for e in resident + missing:
-            weights = cache.acquire(layer, e)
-            try:
-                out_rows[offs[e]:offs[e + 1]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
-            finally:
-                cache.release(layer, e)
-
+    # ----- stats --------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.stats.reset()
         self.prediction = dict.fromkeys(self.prediction, 0)
@@ -403,13 +394,12 @@ class ExpertEngine:
         d["offloading"] = self.cache is not None
         return d
 
+    # ----- the cache ------------------------------------------------------------------
     def on_graph_compiled(self, placeholder_values: dict) -> None:
         """Called after each graph of the model is rewritten: (re)build the expert cache
         when a budget is set and the engine now knows layers the cache does not."""
         if self.config.predictor in ("path", "oracle") and self.predictor is None:
-            from .predictors import make_predictor   # the predictor issue's plug-ins
-
-            self.predictor = make_predictor(self.config, self)
+            self.predictor = make_predictor(self.config, self.view())
         if not self.layers or tuple(sorted(self.layers)) == self._cache_layers:
             return
         store = next((attached_store(t.get("up")) for t in self._layer_tensors.values()
@@ -426,16 +416,21 @@ class ExpertEngine:
         """Create the host tier (unless ``store`` is given) and the budgeted cache."""
         from .budget import parse_budget
         from .cache import ExpertCache
+        from .host_tensors import StackedTensorStore
         from .store import TensorExpertStore
 
         if self.cache is not None:
             self.cache.close()
         if store is not None:
             self.store = store
-        elif self.store is None or isinstance(self.store, TensorExpertStore):
-            self.store = TensorExpertStore({   # rows past E (identity experts' up rows) never run
+        elif self.store is None or isinstance(self.store, (TensorExpertStore, StackedTensorStore)):
+            layers = {   # rows past E (identity experts' up rows) never run
                 l: {k: self.layers[l].viewed(k, v)[:self.layers[l].num_experts] for k, v in t.items()}
-                for l, t in sorted(self._layer_tensors.items())})
+                for l, t in sorted(self._layer_tensors.items())}
+            plain = all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for t in layers.values()
+                        for v in t.values())
+            # plain CPU tensors: a store that fills a layer call's slots in one call
+            self.store = StackedTensorStore(layers) if plain else TensorExpertStore(layers)
         budget = parse_budget(self.config.expert_budget)
         slots = budget.resolve_slots(self.store.specs, self.min_resident_experts())
         any_up = next(iter(self._layer_tensors.values()), {}).get("up")
@@ -455,8 +450,7 @@ class ExpertEngine:
             self.cache.close()
         if self.store is not None:
             self.store.close()
-        with _LOCK:
-            _ENGINES.pop(self.id, None)
+        unregister_engine(self.id)
         for tensors in self._layer_tensors.values():
             for t in tensors.values():
                 for x in (getattr(t, "tensors", None) or [t]):   # an ExpertList: each expert's tensor

@@ -11,8 +11,9 @@ calls of a recorded :class:`~expertflow_compile.runtime.trace.RoutingTrace`:
   for this layer call), then ``acquire`` + ``release`` every active expert, resident
   ones first.
 
-Prefetches complete before the layer's experts are acquired (the worker is replaced by
-a synchronous queue drained after the prefetch calls, so a run is deterministic): the
+Prefetches complete before the layer's experts are acquired (the cache runs with
+``prefetch="deferred"`` and :meth:`ExpertCache.run_prefetches` performs them after the
+prefetch calls, so a run is deterministic; only the cache's public interface is used): the
 replay measures what a predictor's *choices* do to the cache under an unlimited-bandwidth
 assumption, not transfer timing. Counters come from the cache's own
 :class:`~expertflow_compile.runtime.stats.RuntimeStats`: ``loads = demand + prefetch``,
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from .cache import ExpertCache
+from .policies import PredictivePolicy
+from .prediction.common import ranked_votes
 from .stats import RuntimeStats
 from .store import ExpertSpec, ExpertStore
 
@@ -49,28 +52,6 @@ class ByteStore(ExpertStore):
 
     def read_into(self, layer, expert, out):
         out["w"].fill_(expert & 0xFF)
-
-
-class _ListQueue:
-    def __init__(self):
-        self.items = []
-
-    def put(self, item):
-        self.items.append(item)
-
-
-class _SyncCache(ExpertCache):
-    """ExpertCache whose prefetch worker is a list drained synchronously by :meth:`drain`."""
-
-    def __init__(self, store, num_slots, policy):
-        super().__init__(store, num_slots, policy=policy, prefetch=False, stats=RuntimeStats())
-        self._thread = object()          # "a worker exists": prefetch enqueues
-        self._queue = _ListQueue()
-
-    def drain(self):
-        items, self._queue.items = self._queue.items, []
-        for item in items:
-            self._worker_load(item)
 
 
 @dataclass
@@ -237,7 +218,7 @@ def call_predictions(trace, calls: list[LayerCall], candidates: dict[int, torch.
     for c in calls:
         idx = torch.tensor(c.tokens)
         targets = [c.layer] if issue == "layer" else (layers if c.layer == layers[0] else [])
-        out.append([(t, _ranked(candidates[t][idx], trace.num_experts[t])) for t in targets])
+        out.append([(t, ranked_votes(candidates[t][idx], trace.num_experts[t])[0]) for t in targets])
     return out
 
 
@@ -253,13 +234,13 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     receives ``(prefetch_loads, demand_loads)`` of every layer call (for cost models).
     """
     store = ByteStore({l: trace.num_experts[l] for l in trace.layers})
-    cache = _SyncCache(store, slots, policy)
     oracle = predictor == "oracle-distance"
+    # oracle: every future use is hinted, so an unhinted expert is never used again
+    strategy = PredictivePolicy(estimate_unhinted=False) if oracle else policy
+    cache = ExpertCache(store, slots, policy=strategy, prefetch="deferred", stats=RuntimeStats())
     if predictions is None and candidates is not None and predictor not in ("none", "oracle-distance"):
         predictions = call_predictions(trace, calls, candidates, issue)
     uses = _next_uses(calls) if oracle else None
-    if oracle:   # every future use is hinted: an unhinted expert is never used again
-        cache.estimate_unhinted = False
     try:
         for i, c in enumerate(calls):
             if per_call is not None:
@@ -268,21 +249,24 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                 for t, ranked in predictions[i]:
                     if ranked:
                         cache.prefetch(t, ranked)
-                cache.drain()
-            resident = [e for e in c.active if cache.is_resident(c.layer, e)]
-            missing = [e for e in c.active if e not in set(resident)]
+                cache.run_prefetches()
+            order = c.active
             if oracle:
-                with cache._lock:
-                    cache._advance_clock(c.layer)      # as the first acquire would: hints set below survive
+                cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
-                missing.sort(key=lambda e: -_next_after(uses, (c.layer, e), i))
-            for e in resident + missing:
-                cache.acquire(c.layer, e)
-                cache.release(c.layer, e)
-                if oracle:
-                    nxt = _next_after(uses, (c.layer, e), i)
-                    if nxt != math.inf:
-                        cache.set_predicted(c.layer, [e], nxt - i)
+                resident = [e for e in c.active if cache.is_resident(c.layer, e)]
+                missing = sorted((e for e in c.active if e not in set(resident)),
+                                 key=lambda e: -_next_after(uses, (c.layer, e), i))
+                order = resident + missing
+            lease = cache.acquire_layer(c.layer, order, loads="lazy")
+            try:
+                for e, _views in lease:
+                    if oracle:
+                        nxt = _next_after(uses, (c.layer, e), i)
+                        if nxt != math.inf:
+                            cache.set_predicted(c.layer, [e], nxt - i)
+            finally:
+                lease.release()
             if per_call is not None:
                 per_call.append((cache.stats.prefetch_loads - before[0], cache.stats.demand_loads - before[1]))
         s = cache.stats.as_dict()
@@ -293,15 +277,9 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                         s["demand_loads"] + s["prefetch_loads"], s["demand_loads"], s["prefetch_loads"], tokens)
 
 
-def _ranked(top: torch.Tensor, num_experts: int) -> list[int]:
-    votes = torch.bincount(top.reshape(-1), minlength=num_experts)
-    return [e for e in torch.argsort(votes, descending=True, stable=True).tolist() if votes[e] > 0]
-
-
 def _oracle_hints(cache: ExpertCache, uses, i: int) -> None:
     """Hint every cached expert with its true next use (distance in layer calls from call i)."""
-    with cache._lock:
-        keys = list(cache._table)
+    keys = cache.assigned()
     by: dict[tuple[int, int], list[int]] = {}
     for key in keys:
         nxt = _next_after(uses, key, i - 1)          # a use in call i itself counts (distance 0)

@@ -7,8 +7,9 @@ lookahead candidates (layer L's router applied to the residual stream before L's
 attention: the top ``k + 2`` ids and their logits, not the full logits).
 
 A :class:`RoutingTrace` is saved as safetensors (tensors) with JSON metadata; it
-carries the model's :func:`fingerprint` so that a trace is never used with another
-model. Tokens are stored in the order the model saw them: batch after batch, each
+carries the model's :func:`fingerprint` and (``meta["router_digest"]``) the digest of its
+router weights, so that a trace is never used with another model (the oracle predictor
+checks the digest against the compiled model's routers). Tokens are stored in the order the model saw them: batch after batch, each
 batch row (a sequence) after the other.
 """
 
@@ -162,28 +163,37 @@ class RoutingTrace:
     @classmethod
     def load(cls, path: str, model=None) -> "RoutingTrace":
         """Read a trace; with ``model``, refuse (``ValueError``) a trace recorded on another model."""
-        from safetensors import safe_open
+        from .files import open_safetensors
 
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path, "routing trace") as f:
             md = f.metadata() or {}
             if "expertflow" not in md:
                 raise ValueError(f"{path!r} is not an expertflow routing trace (no expertflow metadata)")
-            info = json.loads(md["expertflow"])
-            if info.get("format") != FORMAT:
-                raise ValueError(f"{path!r} is not an expertflow routing trace (format {info.get('format')!r})")
+            try:
+                info = json.loads(md["expertflow"])
+            except ValueError:
+                info = None
+            if not isinstance(info, dict) or info.get("format") != FORMAT:
+                fmt = info.get("format") if isinstance(info, dict) else None
+                raise ValueError(f"{path!r} is not an expertflow routing trace (format {fmt!r})")
             t = {k: f.get_tensor(k) for k in f.keys()}
-        layers = [int(l) for l in info["layers"]]
-        trace = cls(
-            layers=layers,
-            num_experts={int(k): int(v) for k, v in info["num_experts"].items()},
-            top_k={int(k): int(v) for k, v in info["top_k"].items()},
-            ids={l: t[f"ids.{l}"].to(torch.int64) for l in layers},
-            weights={l: t[f"weights.{l}"] for l in layers},
-            token_ids=t["token_ids"], seq_offsets=t["seq_offsets"], batch_offsets=t["batch_offsets"],
-            lookahead_ids={l: t[f"lookahead_ids.{l}"].to(torch.int64) for l in layers if f"lookahead_ids.{l}" in t},
-            lookahead_scores={l: t[f"lookahead_scores.{l}"] for l in layers if f"lookahead_scores.{l}" in t},
-            fingerprint=md.get("fingerprint", ""), meta=info.get("meta", {}),
-        )
+        try:
+            layers = [int(l) for l in info["layers"]]
+            trace = cls(
+                layers=layers,
+                num_experts={int(k): int(v) for k, v in info["num_experts"].items()},
+                top_k={int(k): int(v) for k, v in info["top_k"].items()},
+                ids={l: t[f"ids.{l}"].to(torch.int64) for l in layers},
+                weights={l: t[f"weights.{l}"] for l in layers},
+                token_ids=t["token_ids"], seq_offsets=t["seq_offsets"], batch_offsets=t["batch_offsets"],
+                lookahead_ids={l: t[f"lookahead_ids.{l}"].to(torch.int64) for l in layers
+                               if f"lookahead_ids.{l}" in t},
+                lookahead_scores={l: t[f"lookahead_scores.{l}"] for l in layers if f"lookahead_scores.{l}" in t},
+                fingerprint=md.get("fingerprint", ""), meta=dict(info.get("meta") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"the routing trace {path!r} is incomplete or malformed ({type(exc).__name__}: {exc})") \
+                from None
         if model is not None:
             trace.check_model(model)
         return trace
@@ -220,7 +230,7 @@ def record_routing(model, batches, *, progress: bool = True) -> RoutingTrace:
     """
     from tqdm import tqdm
 
-    from .engine import engines_for_module
+    from .registry import engines_for_module
 
     module = _module(model)
     batches = [torch.as_tensor(b) for b in batches]
@@ -283,5 +293,6 @@ def record_routing(model, batches, *, progress: bool = True) -> RoutingTrace:
         token_ids=torch.cat(token_ids) if token_ids else torch.zeros(0, dtype=torch.int64),
         seq_offsets=seq_offsets, batch_offsets=batch_offsets, lookahead_ids=la_ids, lookahead_scores=la_scores,
         fingerprint=fingerprint(module),
-        meta={"model_type": getattr(getattr(module, "config", None), "model_type", None)},
+        meta={"model_type": getattr(getattr(module, "config", None), "model_type", None),
+              "router_digest": router_digest([p for _, p in router_weights(module)])},
     )

@@ -1,0 +1,258 @@
+"""The runtime's own cost at real models' routing shapes: decode ms/token, side by side.
+
+Models: the real transformers families with the routing shapes of Mixtral-8x7B (32 MoE
+layers x 8 experts, top-2: ``MixtralConfig``), Qwen3-30B-A3B (48 x 128, top-8:
+``Qwen3MoeConfig``) and DeepSeek-V3 (58 MoE layers after 3 dense ones x 256 routed experts,
+top-8, 8 groups / top-4 groups, one shared expert: ``DeepseekV3Config``), with a tiny hidden
+size (64) so that expert math and copies cost almost nothing and what is left is the
+runtime's bookkeeping. Routing is made to spread like a balanced trained router (FACTS.md):
+embeddings and router weights ~ N(0, 1), attention output and expert down projections x
+0.01, and random tokens fed at decode (teacher forcing).
+
+Settings, per shape, each compiled after ``torch._dynamo.reset()`` on a fresh copy of the
+same model, decoding the same tokens:
+
+* ``hf-resident``  ``model.compile(backend="eager")``: the HF model, every expert resident
+* ``ef-resident``  ``backend="expertflow"`` without a budget (our ops, every expert resident)
+* ``lru`` / ``lfu`` / ``predictive+lookahead`` at 12.5%, 25% and 50% expert budgets
+
+Each setting: a 16-token prompt, 8 decode steps of warm-up (compiles, fills the cache),
+then ``--steps`` measured decode steps in segments of 8; the table gives the median over
+segments of wall and CPU ms/token (the CPU time of the process, all threads: less
+sensitive to other load on a shared machine), the ratio to both resident rows, loads per
+expert use, and whether every measured step's logits equal ``ef-resident``'s (max |diff|).
+
+Then the cache alone (``ExpertCache`` over 1-byte experts, no model, prefetch off, uniform
+random routing, batched layer calls): per-use cost at 64 slots (8 layers x 32 experts,
+top-8, 25%) and at 3,712 slots (58 x 256, top-8, 25%: DeepSeek-V3's shape), same per-call
+shape and loads per use, best of 5.
+
+    OMP_NUM_THREADS=1 python benchmarks/runtime_overhead.py                 # everything (~30 min)
+    python benchmarks/runtime_overhead.py --shapes qwen3 --budgets 25%      # one shape, one budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+SHAPES = ("mixtral", "qwen3", "deepseek")
+SHAPE_NAMES = {"mixtral": "Mixtral-8x7B 32x8 top-2", "qwen3": "Qwen3-30B-A3B 48x128 top-8",
+               "deepseek": "DeepSeek-V3 58x256 top-8"}
+POLICIES = (("lru", "none"), ("lfu", "none"), ("predictive", "lookahead"))
+VOCAB = 1024
+
+
+def build(shape: str):
+    """The tiny-hidden model of ``shape`` with balanced-looking routing (module docstring)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, tie_word_embeddings=False)
+    if shape == "mixtral":
+        cfg = MixtralConfig(**common, intermediate_size=32, num_hidden_layers=32, num_local_experts=8,
+                            num_experts_per_tok=2)
+    elif shape == "qwen3":
+        cfg = Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=32, head_dim=16,
+                             num_hidden_layers=48, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                             mlp_only_layers=[], norm_topk_prob=True)
+    elif shape == "deepseek":
+        common.update(num_key_value_heads=4)
+        cfg = DeepseekV3Config(**common, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=61,
+                               first_k_dense_replace=3, n_routed_experts=256, num_experts_per_tok=8, n_group=8,
+                               topk_group=4, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24,
+                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8,
+                               routed_scaling_factor=2.5, norm_topk_prob=True)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1)
+        for name, p in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.normal_(0, 1)
+            elif "o_proj" in name or "down_proj" in name or "experts.w2" in name:
+                p.mul_(0.01)
+    return model
+
+
+def decode(model, steps: int, warmup: int = 8, seg: int = 8, on_warm=None):
+    """Prompt + warm-up + ``steps`` measured steps; returns (segments [(wall, cpu) s/token], logits)."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, VOCAB, (1, 16), generator=g)
+    tokens = torch.randint(0, VOCAB, (warmup + steps,), generator=g)
+    cache = DynamicCache(config=model.config)
+    logits, segs = [], []
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        for i in range(warmup):
+            model(input_ids=tokens[i].view(1, 1), past_key_values=cache, use_cache=True)
+        if on_warm is not None:
+            on_warm()
+        for s in range(0, steps, seg):
+            n = min(seg, steps - s)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(warmup + s, warmup + s + n):
+                out = model(input_ids=tokens[i].view(1, 1), past_key_values=cache, use_cache=True)
+                logits.append(out.logits[0, -1].clone())
+            segs.append(((time.perf_counter() - t0) / n, (time.process_time() - c0) / n))
+    return segs, torch.stack(logits)
+
+
+def run_setting(base, name: str, budget: str | None, policy: str, predictor: str, steps: int):
+    import expertflow_compile as ef
+
+    torch._dynamo.reset()
+    gc.collect()
+    model = copy.deepcopy(base)
+    if name == "hf-resident":
+        model.compile(backend="eager")
+    else:
+        opts = {} if budget is None else {"expert_budget": budget, "policy": policy, "predictor": predictor}
+        model.compile(backend="expertflow", options=opts)
+    reset = (lambda: ef.reset_stats(model)) if name != "hf-resident" else None
+    segs, logits = decode(model, steps, on_warm=reset)
+    row = {"setting": name, "budget": budget or "100%", "wall_ms": 1e3 * statistics.median(w for w, _ in segs),
+           "cpu_ms": 1e3 * statistics.median(c for _, c in segs), "segments": segs}
+    if name != "hf-resident":
+        s = ef.stats(model)
+        row.update(uses=s["uses"], loads=s["loads"], hit_rate=s["hit_rate"], ready_rate=s["ready_rate"],
+                   loads_per_use=s["loads"] / s["uses"] if s["uses"] else 0.0)
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    return row, logits
+
+
+def model_rows(shape: str, budgets, steps: int, log=print) -> list[dict]:
+    base = build(shape)
+    rows, ref = [], None
+    plan = [("hf-resident", None, "", ""), ("ef-resident", None, "", "")]
+    for b in budgets:
+        for policy, pred in POLICIES:
+            plan.append((policy if pred == "none" else f"{policy}+{pred}", b, policy, pred))
+    for name, budget, policy, pred in plan:
+        t0 = time.perf_counter()
+        row, logits = run_setting(base, name, budget, policy, pred, steps)
+        if name == "ef-resident":
+            ref = logits
+        if ref is not None and name != "hf-resident":
+            row["max_abs_diff"] = (logits - ref).abs().max().item()
+        row["shape"] = shape
+        rows.append(row)
+        log(f"  {shape:<9}{row['budget']:>7} {name:<22}{row['wall_ms']:8.1f} ms wall {row['cpu_ms']:8.1f} ms cpu"
+            f"  ({time.perf_counter() - t0:.0f} s)")
+    hf = next(r for r in rows if r["setting"] == "hf-resident")
+    efr = next(r for r in rows if r["setting"] == "ef-resident")
+    for r in rows:
+        r["x_hf_wall"], r["x_hf_cpu"] = r["wall_ms"] / hf["wall_ms"], r["cpu_ms"] / hf["cpu_ms"]
+        r["x_ef_wall"], r["x_ef_cpu"] = r["wall_ms"] / efr["wall_ms"], r["cpu_ms"] / efr["cpu_ms"]
+    return rows
+
+
+def cache_rows(repeats: int = 5) -> list[dict]:
+    """Per-use cost of the cache alone at 64 and 3,712 slots (module docstring)."""
+    from expertflow_compile.runtime.cache import ExpertCache
+    from expertflow_compile.runtime.replay import ByteStore
+
+    out = []
+    for layers, experts, top_k in ((8, 32, 8), (58, 256, 8)):
+        slots = layers * experts // 4
+        g = torch.Generator().manual_seed(0)
+        calls = [(l, sorted(torch.randperm(experts, generator=g)[:top_k].tolist()))
+                 for _ in range(max(40, 12000 // (layers * top_k))) for l in range(layers)]
+        for policy in ("lru", "lfu", "predictive"):
+            cache = ExpertCache(ByteStore(dict.fromkeys(range(layers), experts)), slots, policy=policy,
+                                prefetch=False)
+            best = None
+            for r in range(repeats + 1):
+                cache.stats.reset()
+                t0 = time.process_time()
+                for layer, ex in calls:
+                    if policy == "predictive":
+                        cache.set_predicted((layer + 1) % layers, ex, 1)
+                    lease = cache.acquire_layer(layer, ex)
+                    lease.wait_all()
+                    lease.release()
+                dt = time.process_time() - t0
+                s = cache.stats.as_dict()
+                if r and (best is None or dt < best[0]):     # the first pass fills the cache
+                    best = (dt, s["uses"], s["loads"])
+            cache.close()
+            dt, uses, loads = best
+            out.append({"slots": slots, "shape": f"{layers}x{experts} top-{top_k}", "policy": policy,
+                        "us_per_use": 1e6 * dt / uses, "loads_per_use": loads / uses})
+    return out
+
+
+def format_tables(rows: list[dict], crows: list[dict]) -> str:
+    lines = ["| shape | budget | setting | ms/token wall | ms/token CPU | x hf-resident (wall / CPU) | "
+             "x ef-resident (wall / CPU) | loads/use | hit rate | logits vs ef-resident |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loads = f"{r['loads_per_use']:.2f}" if "loads_per_use" in r else "-"
+        hit = f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-"
+        same = "-" if "max_abs_diff" not in r else ("equal" if r["max_abs_diff"] == 0 else
+                                                    f"max diff {r['max_abs_diff']:.1e}")
+        lines.append(f"| {SHAPE_NAMES[r['shape']]} | {r['budget']} | {r['setting']} | {r['wall_ms']:.1f} | "
+                     f"{r['cpu_ms']:.1f} | {r['x_hf_wall']:.2f} / {r['x_hf_cpu']:.2f} | "
+                     f"{r['x_ef_wall']:.2f} / {r['x_ef_cpu']:.2f} | {loads} | {hit} | {same} |")
+    if crows:
+        lines += ["", "| cache alone | policy | us per use (CPU) | loads/use |", "|---|---|---|---|"]
+        for c in crows:
+            lines.append(f"| {c['slots']} slots ({c['shape']}) | {c['policy']} | {c['us_per_use']:.2f} | "
+                         f"{c['loads_per_use']:.2f} |")
+        for policy in ("lru", "lfu", "predictive"):
+            a, b = (c for c in crows if c["policy"] == policy)
+            lines.append(f"| 3,712 / 64 slots | {policy} | {b['us_per_use'] / a['us_per_use']:.2f}x | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated: {', '.join(SHAPES)}")
+    ap.add_argument("--budgets", default="12.5%,25%,50%")
+    ap.add_argument("--steps", type=int, default=32, help="measured decode steps per setting")
+    ap.add_argument("--no-cache-bench", action="store_true")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "runtime_overhead.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        ap.error(f"unknown shapes {bad}; known: {', '.join(SHAPES)}")
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    t0 = time.perf_counter()
+    rows = []
+    for shape in shapes:
+        rows += model_rows(shape, budgets, args.steps)
+    crows = [] if args.no_cache_bench else cache_rows()
+    print(f"\nruntime overhead, CPU, 1 thread, {args.steps} measured decode steps per setting "
+          f"({time.perf_counter() - t0:.0f} s in all)")
+    print(format_tables(rows, crows))
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"rows": rows, "cache": crows, "steps": args.steps, "budgets": budgets}, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""One MoE layer's routed experts on the torch path, computed per layer.
+
+:func:`layer_forward` runs the experts of one layer call on rows already grouped by
+expert: each expert's up projection goes straight into one ``[rows, N_up]`` buffer
+(``torch.mm(..., out=)``), the layer's gating runs once over all rows, each expert's down
+projection goes into one ``[rows, H]`` buffer, then the post-expert function once. Per
+expert that is two matrix products and (with biases) two in-place adds, against a whole
+:func:`~expertflow_compile.kernels.reference.expert_forward` (gating included) per expert.
+
+Every operation is the one ``expert_forward`` applies to the expert's rows, and the gating
+and post functions are row-wise (they are extracted from the model's own grouped expert
+code), so the result is bitwise the same as running ``expert_forward`` expert by expert
+(tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..kernels.reference import ExpertMath
+
+__all__ = ["layer_forward"]
+
+
+def _width(w: torch.Tensor, transposed: bool) -> int:
+    return w.shape[-1] if transposed else w.shape[-2]
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, transposed: bool, out: torch.Tensor) -> None:
+    torch.mm(x, w if transposed else w.t(), out=out)
+
+
+def layer_forward(rows: torch.Tensor, spans: Sequence[tuple[int, int]], weights: Sequence[Mapping],
+                  math: ExpertMath) -> torch.Tensor:
+    """The experts' output rows ``[N, H]`` for ``rows`` ``[N, K]``: ``rows[a:b]`` belong to
+    the expert whose tensors are ``weights[i]`` for ``spans[i] == (a, b)`` (spans cover the
+    rows, in order)."""
+    first = weights[0]
+    up = first["up"]
+    n = rows.shape[0]
+    x = rows.to(up.dtype)
+    n_up = _width(up, math.up_transposed)
+    up2 = first.get("up2")
+    n_up2 = _width(up2, math.up_transposed) if up2 is not None else 0
+    h = torch.empty((n, n_up), dtype=up.dtype, device=rows.device)
+    h2 = torch.empty((n, n_up2), dtype=up.dtype, device=rows.device) if up2 is not None else None
+    for (a, b), w in zip(spans, weights):
+        xs = x[a:b]
+        _mm(xs, w["up"], math.up_transposed, h[a:b])
+        if h2 is not None:
+            _mm(xs, w["up2"], math.up_transposed, h2[a:b])
+    if h2 is not None:   # separate gate and up weights: SplitGate takes both halves
+        h = torch.cat([h, h2], dim=-1)
+    if first.get("up_bias") is not None:
+        for (a, b), w in zip(spans, weights):
+            h[a:b] += w["up_bias"]
+    g = math.gate_fn(h)
+    down = first["down"]
+    g = g.to(down.dtype)
+    y = torch.empty((n, _width(down, math.down_transposed)), dtype=down.dtype, device=rows.device)
+    for (a, b), w in zip(spans, weights):
+        _mm(g[a:b], w["down"], math.down_transposed, y[a:b])
+    if first.get("down_bias") is not None:
+        for (a, b), w in zip(spans, weights):
+            y[a:b] += w["down_bias"]
+    if math.post_fn is not None:
+        y = math.post_fn(y)
+    return y

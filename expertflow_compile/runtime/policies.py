@@ -1,0 +1,392 @@
+"""Replacement policies of the expert cache: which unpinned, loaded expert to evict.
+
+``POLICIES`` is the one list of valid policy names (the backend's config and the cache
+both read it). :func:`make_policy` builds the strategy object a name stands for.
+
+A policy keeps the cache's *candidates* - slots that are loaded (READY), not pinned and
+not protected (see :mod:`~expertflow_compile.runtime.cache`) - in a structure ordered by
+its eviction key, so that picking a victim never scans the slots:
+
+* ``"lru"``: least recently used first. Key ``(last_use,)``: one heap.
+* ``"lfu"``: least frequently used first (every use over the cache's life counts; counts
+  survive eviction), ties least recently used. Key ``(uses, last_use)``: one heap.
+* ``"predictive"``: the expert whose next use is furthest away first (Belady's rule on
+  predictions). A hinted expert's next use is its hint's due time; an unhinted expert's is
+  estimated from when its layer runs next plus whole passes while it is not chosen (its
+  share of its layer's runs in which it was used as the chance of being chosen in a run);
+  never used (or ``estimate_unhinted=False``): never again, evicted first, least recently
+  used first. With no hints at all on a cyclic layer order this is close to LRU per layer.
+  Key ``(-distance, hinted, last_use)``: a heap of hinted experts, a heap of never-again
+  experts, one heap per layer of estimated experts (within a layer their order does not
+  change as execution moves on) and a heap over the layers' heads.
+
+Every heap uses lazy invalidation: each slot carries the sequence number of its one live
+entry (``pq_seq``); an entry whose number is not the slot's live one is stale and dropped
+when it reaches the top; a heap is rebuilt when stale entries outnumber live ones. Adding,
+removing or re-keying a candidate and picking a victim are O(log n) amortised, independent
+of the slot count.
+
+Invariants: a slot is a candidate iff ``slot.pq_group is not None``; a candidate has
+exactly one live entry; ``victim()`` returns a candidate with the smallest :meth:`key`
+(ties may go either way) and removes it from the candidates.
+
+The policy also keeps the bookkeeping its key needs: use counts (``lfu``), predictions and
+the layer clock (``predictive``). The cache calls, under its lock: :meth:`Policy.add` /
+:meth:`Policy.discard` when a slot becomes / stops being a candidate, :meth:`Policy.refresh`
+when a candidate's ``last_use`` changed, :meth:`Policy.on_use` for every use,
+:meth:`Policy.on_enter_layer` when execution moves to another MoE layer, and
+:meth:`Policy.hint` for predictions. Policies are not thread-safe on their own.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+__all__ = ["POLICIES", "Policy", "LRUPolicy", "LFUPolicy", "PredictivePolicy", "make_policy"]
+
+POLICIES = ("lru", "lfu", "predictive")
+
+_SEQ = itertools.count(1)
+
+
+class _Heap:
+    """A min-heap of ``(*key, seq, slot)`` entries with lazy invalidation."""
+
+    __slots__ = ("h", "live")
+
+    def __init__(self):
+        self.h: list = []
+        self.live = 0
+
+    def push(self, key: tuple, slot) -> None:
+        seq = next(_SEQ)
+        slot.pq_seq = seq
+        heapq.heappush(self.h, (*key, seq, slot))
+        self.live += 1
+        if len(self.h) > 2 * self.live + 64:
+            self.h = [e for e in self.h if e[-1].pq_seq == e[-2]]
+            heapq.heapify(self.h)
+
+    def drop(self, slot) -> None:
+        """Invalidate the slot's live entry (it must have one in this heap)."""
+        slot.pq_seq = 0
+        self.live -= 1
+
+    def top(self):
+        """The live entry with the smallest key, or None."""
+        h = self.h
+        while h:
+            e = h[0]
+            if e[-1].pq_seq == e[-2]:
+                return e
+            heapq.heappop(h)
+        return None
+
+
+class Policy:
+    """Base of the replacement strategies (see the module docstring)."""
+
+    name = ""
+
+    def bind(self, layers: Sequence[int]) -> None:
+        """The cache's MoE layers, in execution order."""
+
+    # -- candidates
+    def add(self, slot) -> None:
+        raise NotImplementedError
+
+    def discard(self, slot) -> None:
+        raise NotImplementedError
+
+    def refresh(self, slot) -> None:
+        """A candidate's key inputs changed (e.g. it was referenced)."""
+        if slot.pq_group is not None:
+            self.discard(slot)
+            self.add(slot)
+
+    def _best(self):
+        raise NotImplementedError
+
+    def victim(self, skip=()):
+        """Remove and return the candidate to evict (its key not in ``skip``), or None."""
+        if not skip:
+            slot = self._best()
+            if slot is not None:
+                self.discard(slot)
+            return slot
+        stash = []
+        found = None
+        while True:
+            slot = self._best()
+            if slot is None:
+                break
+            self.discard(slot)
+            if slot.key in skip:
+                stash.append(slot)
+                continue
+            found = slot
+            break
+        for slot in stash:
+            self.add(slot)
+        return found
+
+    def key(self, slot) -> tuple:
+        """The eviction key (smallest goes first) of any assigned slot, candidate or not."""
+        raise NotImplementedError
+
+    @property
+    def candidates(self) -> int:
+        raise NotImplementedError
+
+    # -- events
+    def on_use(self, key: tuple[int, int]) -> None:
+        """``key`` is used (acquired) now; its slot is pinned, so not a candidate."""
+
+    def on_enter_layer(self, layer: int, clock: int, lookup: Callable) -> None:
+        """Execution moved to ``layer``; ``clock`` counts such moves."""
+
+    def hint(self, layer: int, experts: Iterable[int], distance: int, lookup: Callable) -> None:
+        """A prediction: ``experts`` of ``layer`` are used ``distance`` layer moves from now."""
+
+    def hinted(self, key: tuple[int, int]) -> bool:
+        return False
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+    def __init__(self):
+        self._heap = _Heap()
+
+    def add(self, slot) -> None:
+        slot.pq_group = self._heap
+        self._heap.push((slot.last_use,), slot)
+
+    def discard(self, slot) -> None:
+        if slot.pq_group is not None:
+            slot.pq_group.drop(slot)
+            slot.pq_group = None
+
+    def _best(self):
+        e = self._heap.top()
+        return None if e is None else e[-1]
+
+    def key(self, slot) -> tuple:
+        return (slot.last_use,)
+
+    @property
+    def candidates(self) -> int:
+        return self._heap.live
+
+
+class LFUPolicy(LRUPolicy):
+    name = "lfu"
+
+    def __init__(self):
+        super().__init__()
+        self.uses: dict[tuple[int, int], int] = {}
+
+    def add(self, slot) -> None:
+        slot.pq_group = self._heap
+        self._heap.push((self.uses.get(slot.key, 0), slot.last_use), slot)
+
+    def key(self, slot) -> tuple:
+        return (self.uses.get(slot.key, 0), slot.last_use)
+
+    def on_use(self, key) -> None:
+        self.uses[key] = self.uses.get(key, 0) + 1
+
+
+class PredictivePolicy(Policy):
+    """Belady's rule on predictions (see the module docstring).
+
+    ``estimate_unhinted``: give unhinted experts an estimated next use (False: an
+    unhinted expert is never used again, so it goes first - what a replay that hints
+    every future use wants).
+    """
+
+    name = "predictive"
+
+    def __init__(self, estimate_unhinted: bool = True):
+        self.estimate_unhinted = bool(estimate_unhinted)
+        self.clock = 0
+        self._pos: dict[int, int] = {}
+        self._n = 1
+        self._here: int | None = None           # position of the layer running now
+        self._layer: int | None = None
+        self.hints: dict[int, dict[int, int]] = {}   # layer -> expert -> due (clock of the predicted use)
+        self._runs: dict[int, int] = {}
+        self._used: dict[tuple[int, int], int] = {}  # runs of its layer in which the expert was used
+        self._counted: dict[tuple[int, int], int] = {}
+        self._next_run: dict[int, int] = {}
+        self._hinted = _Heap()      # (-due, last_use)
+        self._never = _Heap()       # (last_use,): never used, or no estimate wanted
+        self._per_layer: dict[int, _Heap] = {}   # (used runs, last_use)
+        self._heads: list = []      # (-estimated next use of the layer's head, last_use, seq, layer)
+        self._head_seq: dict[int, int] = {}
+
+    def bind(self, layers) -> None:
+        order = list(layers)
+        self._pos = {l: i for i, l in enumerate(order)}
+        self._n = max(1, len(order))
+        self._per_layer = {l: _Heap() for l in order}
+        self._head_seq = dict.fromkeys(order, 0)
+        self._recompute_next_runs()
+
+    # -- the estimate
+    def _steps(self, layer: int) -> int:
+        here = 0 if self._here is None else self._here
+        return (self._pos[layer] - here) % self._n or self._n
+
+    def _recompute_next_runs(self) -> None:
+        for layer in self._pos:
+            self._next_run[layer] = self.clock + self._steps(layer)
+            self._refresh_head(layer)
+
+    def _distance(self, key) -> float:
+        """Estimated layer moves until an unhinted expert is used (inf: never)."""
+        if not self.estimate_unhinted:
+            return math.inf
+        layer = key[0]
+        chance = self._used.get(key, 0) / max(1, self._runs.get(layer, 0))
+        if chance <= 0:
+            return math.inf
+        return (self._next_run[layer] - self.clock) + self._n * (1.0 / chance - 1.0)
+
+    def key(self, slot) -> tuple:
+        layer, expert = slot.key
+        due = self.hints.get(layer, {}).get(expert)
+        if due is not None:     # on equal distances an unhinted expert goes first
+            return (-(due - self.clock), 1, slot.last_use)
+        return (-self._distance(slot.key), 0, slot.last_use)
+
+    def hinted(self, key) -> bool:
+        return key[1] in self.hints.get(key[0], ())
+
+    # -- candidates
+    def add(self, slot) -> None:
+        layer, expert = slot.key
+        due = self.hints.get(layer, {}).get(expert)
+        if due is not None:
+            slot.pq_group = self._hinted
+            self._hinted.push((-due, slot.last_use), slot)
+        elif not self.estimate_unhinted or self._used.get(slot.key, 0) == 0:
+            slot.pq_group = self._never
+            self._never.push((slot.last_use,), slot)
+        else:
+            heap = self._per_layer[layer]
+            slot.pq_group = heap
+            heap.push((self._used[slot.key], slot.last_use), slot)
+            top = heap.top()
+            if top[-1] is slot:
+                self._refresh_head(layer)
+
+    def discard(self, slot) -> None:
+        group = slot.pq_group
+        if group is None:
+            return
+        head = group is not self._hinted and group is not self._never and group.top()[-1] is slot
+        group.drop(slot)
+        slot.pq_group = None
+        if head:                       # the layer's head left: its next expert heads it now
+            self._refresh_head(slot.key[0])
+
+    def _refresh_head(self, layer: int) -> None:
+        """Push the layer's current head (its furthest estimated expert) on the heap of heads."""
+        top = self._per_layer[layer].top() if layer in self._per_layer else None
+        seq = next(_SEQ)
+        self._head_seq[layer] = seq
+        if top is None:
+            return
+        used, last_use = top[0], top[1]
+        chance = used / max(1, self._runs.get(layer, 0))
+        est = self._next_run[layer] + self._n * (1.0 / chance - 1.0)
+        heapq.heappush(self._heads, (-est, last_use, seq, layer))
+        if len(self._heads) > 4 * len(self._head_seq) + 64:
+            self._heads = [e for e in self._heads if self._head_seq.get(e[3]) == e[2]]
+            heapq.heapify(self._heads)
+
+    def _best(self):
+        e = self._never.top()
+        if e is not None:
+            return e[-1]
+        h = self._hinted.top()
+        u = None
+        heads = self._heads
+        while heads:
+            top = heads[0]
+            if self._head_seq.get(top[3]) == top[2]:
+                u = self._per_layer[top[3]].top()
+                break
+            heapq.heappop(heads)
+        if h is None:
+            return None if u is None else u[-1]
+        if u is None:
+            return h[-1]
+        hs, us = h[-1], u[-1]
+        return hs if self.key(hs) < self.key(us) else us
+
+    @property
+    def candidates(self) -> int:
+        return self._hinted.live + self._never.live + sum(h.live for h in self._per_layer.values())
+
+    # -- events
+    def on_use(self, key) -> None:
+        layer = key[0]
+        hints = self.hints.get(layer)
+        if hints:
+            hints.pop(key[1], None)
+        run = self._runs.get(layer, 0)
+        if self._counted.get(key) != run:
+            self._counted[key] = run
+            self._used[key] = self._used.get(key, 0) + 1
+
+    def on_enter_layer(self, layer: int, clock: int, lookup) -> None:
+        prev_layer, prev = self._layer, self._here
+        self._layer = layer
+        dropped = self.hints.pop(prev_layer, None) if prev_layer is not None else None
+        self.clock = clock
+        pos = self._pos.get(layer)
+        if pos is not None:
+            self._here = pos
+            self._runs[layer] = self._runs.get(layer, 0) + 1
+            if prev is not None and pos == (prev + 1) % self._n:
+                # one step along the cyclic order: only the entered layer's next run moves
+                self._next_run[layer] = clock + self._n
+                self._refresh_head(layer)
+            else:
+                self._recompute_next_runs()
+        for expert in dropped or ():   # the layer ran: its predictions not consumed by a use were wrong
+            slot = lookup((prev_layer, expert))
+            if slot is not None and slot.pq_group is not None:
+                self.discard(slot)
+                self.add(slot)
+
+    def hint(self, layer: int, experts, distance: int, lookup) -> None:
+        due = self.clock + distance
+        hints = self.hints.setdefault(layer, {})
+        for e in experts:
+            old = hints.get(e)
+            if old is not None and old <= due:
+                continue
+            hints[e] = due
+            slot = lookup((layer, e))
+            if slot is not None and slot.pq_group is not None:
+                self.discard(slot)
+                self.add(slot)
+
+
+def make_policy(policy: "str | Policy") -> Policy:
+    """The strategy object for a policy name (a :class:`Policy` is returned as is)."""
+    if isinstance(policy, Policy):
+        return policy
+    if policy == "lru":
+        return LRUPolicy()
+    if policy == "lfu":
+        return LFUPolicy()
+    if policy == "predictive":
+        return PredictivePolicy()
+    raise ValueError(f"unknown expert cache policy {policy!r}; valid policies: {', '.join(POLICIES)}")
