@@ -348,6 +348,8 @@ class ExpertEngine:
             return None
         if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
+        if self.store is not None and self.store.specs[plan.layer].quantized:
+            return None    # compressed experts: dequantized by the torch path (kernels/dequant.py)
         from ..kernels.triton_moe import triton_grouped_experts
 
         n_up = (w_up.shape[-1] if plan.math.up_transposed else w_up.shape[-2])
@@ -402,8 +404,8 @@ class ExpertEngine:
             self.predictor = make_predictor(self.config, self.view())
         if not self.layers or tuple(sorted(self.layers)) == self._cache_layers:
             return
-        store = next((attached_store(t.get("up")) for t in self._layer_tensors.values()
-                      if attached_store(t.get("up")) is not None), None)
+        stores = (attached_store(_ident(t.get("up"))) for t in self._layer_tensors.values())
+        store = next((s for s in stores if s is not None), None)   # ExpertList: keyed by its first tensor
         if store is None and not self.config.offloads:
             return
         self.build_cache(store)

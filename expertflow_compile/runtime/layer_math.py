@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..kernels.dequant import expert_weight, is_quantized_name
 from ..kernels.reference import ExpertMath
 
 __all__ = ["layer_forward"]
@@ -32,11 +33,21 @@ def _mm(x: torch.Tensor, w: torch.Tensor, transposed: bool, out: torch.Tensor) -
     torch.mm(x, w if transposed else w.t(), out=out)
 
 
+def _dequantized(w: Mapping, dtype: torch.dtype) -> dict:
+    out = {k: w.get(k) for k in ("up_bias", "down_bias")}
+    for name in ("up", "up2", "down"):
+        out[name] = expert_weight(w, name, dtype)
+    return out
+
+
 def layer_forward(rows: torch.Tensor, spans: Sequence[tuple[int, int]], weights: Sequence[Mapping],
                   math: ExpertMath) -> torch.Tensor:
     """The experts' output rows ``[N, H]`` for ``rows`` ``[N, K]``: ``rows[a:b]`` belong to
     the expert whose tensors are ``weights[i]`` for ``spans[i] == (a, b)`` (spans cover the
-    rows, in order)."""
+    rows, in order). Compressed experts (FP8 / MXFP4 and their scales) are dequantized to
+    ``rows``' dtype first, as ``expert_forward`` does."""
+    if any(is_quantized_name(k) for k in weights[0]):
+        weights = [_dequantized(w, rows.dtype) for w in weights]
     first = weights[0]
     up = first["up"]
     n = rows.shape[0]

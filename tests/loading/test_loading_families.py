@@ -23,7 +23,6 @@ NOT_SERVED = {
 # engine.on_graph_compiled looks up the attached disk store with attached_store(t["up"]); for
 # experts kept one module per expert t["up"] is an ExpertList, whose first tensor carries the
 # store (runtime/engine.py is outside this change: attached_store(_ident(t.get("up"))) fixes it)
-NEEDS_ENGINE_FIX = {"switch_transformers"}
 CI_SAMPLE = ["dbrx", "kimi_linear", "jetmoe", "longcat_flash", "inkling_text"]
 
 
@@ -49,8 +48,6 @@ def _all():
             continue
         for layout in LAYOUTS:
             marks = [pytest.mark.slow]
-            if fam in NEEDS_ENGINE_FIX:
-                marks.append(pytest.mark.xfail(strict=True, reason="needs the engine's ExpertList store lookup"))
             out.append(pytest.param(fam, layout, marks=marks, id=f"{fam}-{layout}"))
     return out
 
