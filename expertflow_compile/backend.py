@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from .config import ExpertFlowConfig
 from .errors import OptionError
+from .fallback import install as _install_eager_fallback
 from .passes.lookahead import plan_lookahead
 from .passes.match import MoEBlock, find_moe_blocks
 from .passes.report import BlockReport, GraphReport
@@ -211,3 +212,4 @@ def expertflow_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
 
 mark_expertflow_backend(expertflow_backend)
 _install_traceable()
+_install_eager_fallback()
