@@ -14,9 +14,9 @@ backend.
 
 from __future__ import annotations
 
-import weakref
-
 import contextlib
+import gc
+import weakref
 import logging
 from collections.abc import Callable
 
@@ -99,9 +99,10 @@ def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
         if eng is not None:
             return eng
     key = (id(options), id(store) if store is not None else None)   # one options dict, one model
-    if options is not None:
-        entry = _ENGINES_BY_OPTIONS.get(key)
-        eng = entry[1]() if entry is not None and entry[0] is options else None
+    entry = _ENGINES_BY_OPTIONS.get(key) if options is not None else None
+    if entry is not None and entry[0] is options and entry[1]() is not None:
+        gc.collect()   # a model deleted but not collected yet (tensors <-> engine cycle) lends nothing
+        eng = entry[1]()
         if eng is not None and not eng._closed and eng.config.key() == config.key():
             return eng
     eng = ExpertEngine(config)

@@ -70,15 +70,17 @@ def routes_eagerly(module) -> bool:
 
 
 def fell_back_message() -> str:
-    return (f"Dynamo ran the compiled model eagerly (torch._dynamo.config.recompile_limit="
-            f"{torch._dynamo.config.recompile_limit} reached, or the frame was skipped)")
+    return ("Dynamo ran the compiled model eagerly (its recompile limit was reached: "
+            f"torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit}, or the "
+            "recompile_limit given to compile; or the frame was skipped)")
 
 
 def fixes() -> str:
     """What to do about it (each generate style adds graphs: prefill and decode, batch 1 and
     larger, with and without an attention mask, another cache class)."""
-    return ("to keep compiling, raise torch._dynamo.config.recompile_limit (e.g. to 64) before the first "
-            "call, or call torch._dynamo.reset() to start over")
+    return ("to keep compiling, give this model a higher limit: model.compile(backend='expertflow', "
+            "options=..., recompile_limit=64) (no global setting changes), or call torch._dynamo.reset() "
+            "to start over")
 
 
 def _warn(eng, detail: str) -> None:

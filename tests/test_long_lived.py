@@ -121,6 +121,7 @@ def test_many_styles_from_pretrained_model_keeps_working(low_recompile_limit, tm
     assert ef.stats(model)["misses"] > 0
 
 
+@pytest.mark.slow
 def test_default_recompile_limit_workload_stays_exact():
     """The issue's sequence at the default limit: greedy -> beam 3 -> padded batch ->
     1-token prompt (the disk model used to fail at the 4th call) and on."""
@@ -129,6 +130,26 @@ def test_default_recompile_limit_workload_stays_exact():
     refs = [_generate(model, kw) for _, kw in styles]
     model.compile(backend="expertflow", options=OPTIONS)
     _run_styles(model, refs, styles)
+
+
+@pytest.mark.slow
+def test_a_per_model_recompile_limit_keeps_every_style_compiled():
+    """The documented fix: ``model.compile(..., recompile_limit=64)`` (no global setting):
+    all eleven styles compile (no fallback warning) within a bounded number of graphs."""
+    from expertflow_compile.backend import expertflow_backend
+
+    model = build_tiny_model("mixtral")
+    styles = _styles(model.config.vocab_size)
+    refs = [_generate(model, kw) for _, kw in styles]
+    graphs = []
+
+    def counting(gm, example_inputs, options=None):
+        graphs.append(gm)
+        return expertflow_backend(gm, example_inputs, options=options)
+
+    model.compile(backend=counting, options=OPTIONS, recompile_limit=64)
+    assert _run_styles(model, refs, styles) == []
+    assert 8 < len(graphs) <= 3 * len(styles), len(graphs)
 
 
 def test_uncompiled_disk_model_still_refuses(tmp_path):
@@ -177,6 +198,25 @@ def test_two_in_memory_models_with_equal_options_get_their_own_engines():
     # each budget is 50% of its own model's experts, not one pool for both
     assert ea.cache.num_slots == eb.cache.num_slots == 8   # 2 layers x 8 experts x 50%
     assert sorted(ea.layers) == sorted(eb.layers) == [0, 1]
+
+
+def test_a_deleted_model_lends_its_engine_to_no_one():
+    """One options dict reused after the first model was deleted (its tensors <-> engine
+    cycle not collected yet): the new model gets an engine of its own."""
+    x = _x()
+    options = dict(OPTIONS)
+    a = build_tiny_model("mixtral", seed=0)
+    a.compile(backend="expertflow", options=options)
+    a.generate(x, max_new_tokens=2, do_sample=False)
+    old = weakref.ref(engines_for_module(a)[0])
+    del a   # no gc.collect() here
+    torch._dynamo.reset()   # a fresh compile, not a reused graph
+    b = build_tiny_model("qwen3_moe", seed=1)
+    ref = b.generate(x, max_new_tokens=4, do_sample=False)
+    b.compile(backend="expertflow", options=options)
+    assert torch.equal(b.generate(x, max_new_tokens=4, do_sample=False), ref)
+    (eng,) = engines_for_module(b)
+    assert old() is None and sorted(eng.layers) == [0, 1]
 
 
 @pytest.mark.parametrize("same_checkpoint", [True, False], ids=["same", "different"])
@@ -230,3 +270,51 @@ def test_deleted_models_leave_nothing(tmp_path):
                 break
             threading.Event().wait(0.02)
         assert threading.active_count() <= threads
+
+
+# ----------------------------------------------------------------------------- per family
+
+# MoE blocks that are traceable.py's loop-free forms: eagerly their own code runs (no HF
+# experts call to route), and the warning says the budget is not enforced
+OWN_CODE = {"llama4_text", "switch_transformers", "jetmoe", "dbrx", "longcat_flash"}
+FAMILIES = ["mixtral", "deepseek_v3", "gpt_oss", "llama4_text", "switch_transformers"]
+SLOW_FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoeshared", "glm4_moe_lite", "jamba",
+                 "qwen4_exp_text", "deepseek_v4", "inkling_text", "jetmoe", "dbrx"]
+
+
+def _eager_after_compile(family: str):
+    """Eager logits of a compiled model (what Dynamo's fallback runs) vs the eager model's."""
+    from expertflow_compile.testing.families import build_tiny_family, lm_inputs
+
+    model, _ = build_tiny_family(family)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (2, 6),
+                        generator=torch.Generator().manual_seed(0))
+    inputs = dict(lm_inputs(model, ids), use_cache=False)
+    with torch.no_grad():
+        ref = model(**inputs).logits.float()
+        torch.compile(model, backend="expertflow", options=OPTIONS)(**inputs)
+        before = _uses(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FellBackWarning)
+            out = model(**inputs).logits.float()   # the plain module: Python code, no graph
+            model(**inputs)
+    scale = ref.abs().max().item()
+    assert (out - ref).abs().max().item() <= 1e-5 * scale, family
+    msgs = [str(w.message) for w in caught if issubclass(w.category, FellBackWarning)]
+    assert len(msgs) == 1, msgs   # once per engine
+    if family in OWN_CODE:
+        assert "not enforced" in msgs[0]
+    else:
+        assert "still served through expertflow's engine" in msgs[0], msgs[0]
+        assert _uses(model) > before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eager_fallback_serves_each_family_exactly(family):
+    _eager_after_compile(family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", SLOW_FAMILIES)
+def test_eager_fallback_serves_more_families_exactly(family):
+    _eager_after_compile(family)

@@ -36,6 +36,7 @@ engine (no import circle); ``runtime.engine`` re-exports its names.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import weakref
@@ -179,6 +180,10 @@ class GraphBinding:
             eng = self.current()
             if eng is not None and len(self.plans) > 1 and layer in eng.layers:
                 eng = None   # a whole-model graph meeting another model's experts
+            elif eng is not None:   # joining: not the engine of a model deleted but not collected yet
+                eng = None
+                gc.collect()
+                eng = self.current()
         return eng if eng is not None else self._factory(self.config)
 
 
