@@ -15,7 +15,9 @@ implementation handed out is wrapped: a module whose expert tensors an engine se
 the rewritten block's computation eagerly - the ``permute`` op and
 ``ExpertEngine.grouped_gemm``, the engine the compiled graph calls (same cache, budget,
 stats) - and a :class:`FellBackWarning` says once per engine that compilation fell back.
-Modules no engine serves (an uncompiled model) run HF's implementation unchanged.
+Modules no engine serves, and plain eager calls of a module (outside any
+``torch.compile`` call: Dynamo's frame callback is unset, :func:`in_compiled_region`), run
+HF's implementation unchanged; a ``from_pretrained`` model refuses those as before.
 
 **Checked.** The first eager call of each in-memory layer also runs HF's implementation
 and compares (the numeric check's tolerance); a layer that differs keeps HF's code (still
@@ -38,7 +40,7 @@ from . import traceable
 from .passes.verify import tolerance
 from .runtime.registry import _ident, engine_for_tensor, engines_for_module
 
-__all__ = ["FellBackWarning", "routes_eagerly", "fell_back_message", "fixes"]
+__all__ = ["FellBackWarning", "in_compiled_region", "routes_eagerly", "fell_back_message", "fixes"]
 
 log = logging.getLogger("expertflow_compile")
 _LOCK = threading.Lock()
@@ -63,8 +65,17 @@ def _served(module):
     return None
 
 
+def in_compiled_region() -> bool:
+    """Whether Python code runs inside a ``torch.compile`` call (Dynamo's callback is set:
+    ``False`` while it runs a frame eagerly past the recompile limit) rather than in a plain
+    eager call of the module (``None``): a plain call keeps Hugging Face's code."""
+    return torch._C._dynamo.eval_frame.get_eval_frame_callback() is not None
+
+
 def routes_eagerly(module) -> bool:
-    """Whether an eager call of the experts ``module`` goes through its engine."""
+    """Whether this eager call of the experts ``module`` goes through its engine."""
+    if not in_compiled_region():
+        return False
     code = getattr(getattr(type(module), "forward", None), "__code__", None)   # wraps() copies __qualname__
     return getattr(code, "co_qualname", "").startswith(_HF_FORWARD) and _served(module) is not None
 
@@ -115,7 +126,7 @@ def _on_disk(module) -> bool:
 def _eager_experts(impl):
     """HF's experts implementation ``impl`` with the engine route in front of it."""
     def experts_forward(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        served = _served(module) if not (args or kwargs) else None
+        served = _served(module) if not (args or kwargs) and in_compiled_region() else None
         if served is None:
             return impl(module, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         eng, layer = served
@@ -155,7 +166,7 @@ def _get_interface(iface, original, experts_implementation, default):
 
 def _block_fell_back(module, original, *args, **kwargs):
     """A loop-free form's MoE block called eagerly: its own code runs (warned once)."""
-    for eng in engines_for_module(module):
+    for eng in (engines_for_module(module) if in_compiled_region() else ()):
         _warn(eng, f"{type(module).__name__} runs its own code: the expert budget is not enforced for it")
     return original(module, *args, **kwargs)
 

@@ -43,7 +43,7 @@ import os
 
 import torch
 
-from ..fallback import fell_back_message, fixes, routes_eagerly
+from ..fallback import fell_back_message, fixes, in_compiled_region, routes_eagerly
 from ..runtime.engine import attach_store, engines_for_module
 from ..runtime.store import safetensors_index
 from .convert import ConversionRefused
@@ -64,7 +64,7 @@ def _refuse_uncompiled(module, args, kwargs=None):
     HF's contract goes through the engine (``fallback.py``); any other refuses."""
     if torch.compiler.is_compiling() or routes_eagerly(module):
         return
-    if engines_for_module(module):
+    if engines_for_module(module) and in_compiled_region():
         raise RuntimeError(
             f"expertflow: {fell_back_message()}, and this model's experts ({type(module).__name__}) live on "
             f"disk, where only the compiled graph reaches them; {fixes()}")
