@@ -34,8 +34,12 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
     opts = {k: getattr(config, k) for k in ExpertFlowConfig.valid_keys()}
     backend = mark_expertflow_backend(lambda gm, ex: expertflow_backend(gm, ex, options=opts))
     compiled = torch.compile(module, backend=backend)
+    before = {id(e) for e in engines_for_module(module)}
     with collect_reports(report.graphs.append), torch.no_grad():
         compiled(*args, **kwargs)
+    for eng in engines_for_module(module):   # the throw-away compile's engine ends here: the
+        if id(eng) not in before:            # module's eager calls stay its own (fallback.py)
+            eng.close()
     return report
 
 

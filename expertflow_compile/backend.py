@@ -14,9 +14,9 @@ backend.
 
 from __future__ import annotations
 
-import weakref
-
 import contextlib
+import gc
+import weakref
 import logging
 from collections.abc import Callable
 
@@ -24,12 +24,14 @@ import torch.fx as fx
 
 from .config import ExpertFlowConfig
 from .errors import OptionError
+from .fallback import install as _install_eager_fallback
 from .passes.lookahead import plan_lookahead
 from .passes.match import MoEBlock, find_moe_blocks
 from .passes.report import BlockReport, GraphReport
 from .passes.rewrite import rewrite_moe_block
 from .passes.verify import check_blocks
 from .runtime.engine import ExpertEngine, LayerPlan, engine_for_tensor
+from .runtime.registry import GraphBinding
 from .traceable import install as _install_traceable
 from .traceable import mark_expertflow_backend
 
@@ -60,8 +62,9 @@ def _placeholder_values(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Nod
 
 
 # engines by the options object of one torch.compile call: Dynamo hands every graph of
-# that call the same dict, so graphs that share no weights (one frame per decoder layer
-# after a graph break in attention) still land in one engine and one budget
+# that call the same dict, so graphs that share no weights (an encoder and its decoder, one
+# frame per decoder layer after a graph break in attention) still land in one engine and
+# one budget. The entry holds the dict itself, so its id cannot be reused while it lives.
 _ENGINES_BY_OPTIONS: dict[tuple, tuple[dict, "weakref.ref[ExpertEngine]"]] = {}
 
 
@@ -78,8 +81,10 @@ def _param_names(block: MoEBlock) -> list[str]:
 
 def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
                 options: dict | None = None) -> ExpertEngine:
-    """The model's engine: the one already serving these weights if its options match,
-    else the one made for the same ``torch.compile`` call (same options object)."""
+    """The engine for the experts of a graph being compiled: the one their tensors already
+    hold (runtime/registry.py's rule) if its options match; for experts on disk, the open
+    engine reading their store; else the one made for the same ``torch.compile`` call (same
+    options object); else a new one."""
     from .runtime.engine import attached_store, engine_for_store
 
     firsts = [b.tensors(values)[0] for b in blocks]
@@ -87,23 +92,23 @@ def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
         eng = engine_for_tensor(t)
         if eng is not None and eng.config.key() == config.key():
             return eng
-    # a loader's disk tier: the engine already reading this checkpoint (also without options)
     store = next((s for s in (attached_store(getattr(t, "tensors", [t])[0]) for t in firsts) if s is not None),
                  None)
     if store is not None:
-        eng = engine_for_store(store)
-        if eng is not None and eng.config.key() == config.key():
+        eng = engine_for_store(store, config.key())
+        if eng is not None:
             return eng
     key = (id(options), id(store) if store is not None else None)   # one options dict, one model
-    if options is not None:
-        entry = _ENGINES_BY_OPTIONS.get(key)
-        eng = entry[1]() if entry is not None and entry[0] is options else None
+    entry = _ENGINES_BY_OPTIONS.get(key) if options is not None else None
+    if entry is not None and entry[0] is options and entry[1]() is not None:
+        gc.collect()   # a model deleted but not collected yet (tensors <-> engine cycle) lends nothing
+        eng = entry[1]()
         if eng is not None and not eng._closed and eng.config.key() == config.key():
             return eng
     eng = ExpertEngine(config)
+    for k in [k for k, (_, ref) in _ENGINES_BY_OPTIONS.items() if ref() is None or ref()._closed]:
+        del _ENGINES_BY_OPTIONS[k]
     if options is not None:
-        for k in [k for k, (_, ref) in _ENGINES_BY_OPTIONS.items() if ref() is None]:
-            del _ENGINES_BY_OPTIONS[k]
         _ENGINES_BY_OPTIONS[key] = (options, weakref.ref(eng))
     return eng
 
@@ -126,6 +131,8 @@ def compile_graph(
     checks = check_blocks(gm, example_inputs, result.blocks, values) if config.verify else {}
     good = [b for i, b in enumerate(result.blocks) if checks.get(i) is None or checks[i].ok]
     engine = _engine_for(good, values, config, options) if good else None
+    binding = GraphBinding(engine) if engine is not None else None
+    gm._expertflow_binding = binding   # the graph holds its recipe (the registry holds it weakly)
     numbers: list[int] = []
     for b in good:   # a layer number baked from names may already belong to other experts
         b.layer = engine.layer_number_for(b.layer, b.tensors(values)[0], numbers)
@@ -157,10 +164,11 @@ def compile_graph(
             views=tuple(sorted(block.views.items())),
         )
         engine.register_layer(plan, block.tensors(values))
+        binding.add(plan)
         source = lookahead.get(block.layer)
         if source is not None:
             engine.register_router(block.layer, source.fn, [values.get(p) for p in source.params])
-        rewrite_moe_block(gm, block, engine.id, width, source.source if source is not None else None)
+        rewrite_moe_block(gm, block, binding.id, width, source.source if source is not None else None)
         entry.rewritten = True
         report.blocks.append(entry)
     for u in result.unmatched:
@@ -193,8 +201,16 @@ def expertflow_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
         return gm.forward
     from torch._dynamo.backends.registry import lookup_backend
 
-    return lookup_backend(config.inner_backend)(gm, example_inputs)
+    compiled = lookup_backend(config.inner_backend)(gm, example_inputs)
+    binding = gm._expertflow_binding
+
+    def run(*args):   # keeps the graph's binding alive as long as the compiled callable
+        return compiled(*args)
+
+    run._expertflow_binding = binding
+    return run
 
 
 mark_expertflow_backend(expertflow_backend)
 _install_traceable()
+_install_eager_fallback()

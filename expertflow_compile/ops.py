@@ -34,16 +34,27 @@ __all__ = ["predict", "prefetch", "permute", "grouped_gemm", "grouped_gemm_modul
 
 
 def _engine(engine_id: int):
+    """The engine graph ``engine_id`` served last (None: it outlived its models)."""
     from .runtime.engine import get_engine
 
     return get_engine(engine_id)
+
+
+def _serving(engine_id: int, layer: int, tensors: list):
+    """The engine of the expert ``tensors`` this op received (runtime/registry.py's rule)."""
+    from .runtime.registry import serving_engine
+
+    return serving_engine(engine_id, layer, tensors)
 
 
 @torch.library.custom_op("expertflow::predict", mutates_args=())
 def predict(hidden: torch.Tensor, engine_id: int, layer: int, width: int) -> torch.Tensor:
     """Expert ids predicted for the coming MoE layers, as an int64 tensor of ``width``
     entries encoded ``layer * 2**20 + expert`` and padded with -1."""
-    return _engine(engine_id).predict(layer, hidden, width)
+    eng = _engine(engine_id)
+    if eng is None:
+        return torch.full((width,), -1, dtype=torch.int64, device=hidden.device)
+    return eng.predict(layer, hidden, width)
 
 
 @predict.register_fake
@@ -54,7 +65,9 @@ def _(hidden, engine_id, layer, width):
 @torch.library.custom_op("expertflow::prefetch", mutates_args=())
 def prefetch(predicted: torch.Tensor, engine_id: int, layer: int) -> torch.Tensor:
     """Enqueue asynchronous loads of the predicted experts; returns a 1-element token."""
-    _engine(engine_id).prefetch(layer, predicted)
+    eng = _engine(engine_id)
+    if eng is not None:
+        eng.prefetch(layer, predicted)
     return torch.zeros(1, dtype=torch.uint8, device=predicted.device)
 
 
@@ -111,7 +124,7 @@ def grouped_gemm(
     ``w_up2`` is the up weight of families whose gate and up weights are separate
     (``w_up`` is then the gate). 2-D weights are viewed per expert by the engine.
     """
-    return _engine(engine_id).grouped_gemm(
+    return _serving(engine_id, layer, [w_up, w_down, b_up, b_down, w_up2]).grouped_gemm(
         layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2
     )
 
@@ -136,7 +149,10 @@ def grouped_gemm_modules(
     """:func:`grouped_gemm` for experts kept as one module per expert (a ModuleDict of
     Linear layers, Switch Transformers): ``up_list[e]``/``down_list[e]`` are expert e's
     weights."""
-    return _engine(engine_id).grouped_gemm(
+    from .runtime.store import ExpertList
+
+    eng = _serving(engine_id, layer, [ExpertList(up_list), ExpertList(down_list), None, None, None])
+    return eng.grouped_gemm(
         layer, hidden, topk_weights, order, offsets, None, None, None, None, None, up_list, down_list
     )
 

@@ -202,6 +202,10 @@ class Patch:
 
 
 REGISTRY: dict[tuple[str, str, str], Patch] = {}
+# (module, class, method) of a "trace" patch -> hook(self, original, *args, **kwargs) run
+# instead of the original outside compilation (registered by fallback.py); Dynamo never
+# traces this branch, so graphs and guards do not depend on it
+EAGER: dict[tuple[str, str, str], Callable] = {}
 
 
 def register(module: str, cls: str, method: str = "forward", kind: str = "trace"):
@@ -451,8 +455,11 @@ def _dispatcher(patch: Patch, original: Callable) -> Callable:
     key = (patch.module, patch.cls, patch.method)
     if patch.kind == "trace":
         def dispatch(self, *args, **kwargs):
-            if torch.compiler.is_compiling() and _expertflow_tracing():
-                return REGISTRY[key].fn(self, *args, **kwargs)
+            if torch.compiler.is_compiling():
+                if _expertflow_tracing():
+                    return REGISTRY[key].fn(self, *args, **kwargs)
+            elif key in EAGER:   # outside compilation only (fallback.py: Dynamo's eager fallback)
+                return EAGER[key](self, original, *args, **kwargs)
             return original(self, *args, **kwargs)
     elif patch.kind == "batched":
         def dispatch(self, *args, _expertflow_batched=None, **kwargs):

@@ -43,7 +43,8 @@ import os
 
 import torch
 
-from ..runtime.engine import attach_store
+from ..fallback import fell_back_message, fixes, in_compiled_region, routes_eagerly
+from ..runtime.engine import attach_store, engines_for_module
 from ..runtime.store import safetensors_index
 from .convert import ConversionRefused
 from .divert import diverting_experts
@@ -58,11 +59,18 @@ _MODEL_KWARGS = ("attn_implementation", "experts_implementation", "trust_remote_
 def _refuse_uncompiled(module, args, kwargs=None):
     """Experts loaded by :func:`from_pretrained` live on disk; their parameters are
     placeholders. Outside torch.compile (where Dynamo drops this branch and the backend
-    serves the experts from the store) running them would compute garbage."""
-    if not torch.compiler.is_compiling():
+    serves the experts from the store) running them would compute garbage. Once compiled,
+    an eager call (Dynamo's fallback at its recompile limit) of an experts module with
+    HF's contract goes through the engine (``fallback.py``); any other refuses."""
+    if torch.compiler.is_compiling() or routes_eagerly(module):
+        return
+    if engines_for_module(module) and in_compiled_region():
         raise RuntimeError(
-            "this model's experts were loaded by expertflow_compile.from_pretrained and live on disk; "
-            "run it compiled: model.compile(backend='expertflow', options={...})")
+            f"expertflow: {fell_back_message()}, and this model's experts ({type(module).__name__}) live on "
+            f"disk, where only the compiled graph reaches them; {fixes()}")
+    raise RuntimeError(
+        "this model's experts were loaded by expertflow_compile.from_pretrained and live on disk; "
+        "run it compiled: model.compile(backend='expertflow', options={...})")
 
 
 def _auto_class(config):

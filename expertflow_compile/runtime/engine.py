@@ -32,7 +32,6 @@ from ..kernels.reference import ExpertMath, combine_topk, expert_forward, presca
 from .prediction import LAYER_SHIFT, LookaheadPredictor, ModelView, cap, decode, encode, make_predictor
 from .layer_math import layer_forward
 from .registry import (  # noqa: F401 - the registry's names stay importable from here
-    _ATTACHED_STORES,
     _ATTR,
     _ENGINES,
     _LOCK,
@@ -243,17 +242,32 @@ class ExpertEngine:
         for other, tensors in self._layer_tensors.items():
             if _ident(tensors.get("up")) is _ident(w_up):
                 return other
+        return self.adopt(self.layers[layer], [w_up, w_down, b_up, b_down, w_up2])
+
+    def adopt(self, template: LayerPlan, tensors: list) -> int:
+        """Bind the experts ``tensors`` (up, down, up bias, down bias, second up) as a layer
+        of this engine, computed like ``template`` (the plan of the graph block they reached);
+        returns its layer number: the loader's layer index attached to the tensors, else the
+        template's number if free, else the next free one. The cache follows the new layer."""
+        w_up = tensors[0]
         entry = _attached(_ident(w_up))
-        new = entry[2] if entry is not None and entry[2] is not None else max(self._layer_tensors) + 1
+        if entry is not None and entry[2] is not None:
+            new = entry[2]
+        elif template.layer not in self._layer_tensors:
+            new = template.layer
+        else:
+            new = max(self._layer_tensors) + 1
         if new in self._layer_tensors:
             raise RuntimeError(f"expertflow: experts of MoE layer {new} arrived twice with different tensors")
-        self.register_layer(dataclasses.replace(self.layers[layer], layer=new), [w_up, w_down, b_up, b_down, w_up2])
-        log.info("expertflow: a compiled graph is shared by another MoE module; bound it as layer %d", new)
+        self.register_layer(dataclasses.replace(template, layer=new), (list(tensors) + [None] * 5)[:5])
         if self.cache is not None:
+            log.info("expertflow: a compiled graph is shared by another MoE module; bound it as layer %d", new)
             from .host_tensors import StackedTensorStore
 
             own = isinstance(self.store, (_tensor_store_type(), StackedTensorStore))
             self.build_cache(None if own else self.store)
+        else:
+            self.on_graph_compiled({})
         return new
 
     # ----- the grouped GEMM -----------------------------------------------------------
