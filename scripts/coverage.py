@@ -43,7 +43,8 @@ from expertflow_compile.backend import collect_reports  # noqa: E402
 from expertflow_compile.passes.report import ExplainReport  # noqa: E402
 from expertflow_compile.testing.checkpoints import check_loads_from_checkpoint  # noqa: E402
 from expertflow_compile.testing.families import (  # noqa: E402
-    build_tiny_family, count_moe_layers, discover_moe_families, lm_inputs, skipped_moe_families)
+    build_tiny_family, count_moe_layers, discover_all_moe_families, expert_groups_per_layer, family_head,
+    family_inputs, skipped_moe_families)
 
 BUDGET = "50%"
 LOAD_BUDGET = "25%"
@@ -69,11 +70,16 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
         return row
     row["notes"] += notes
     row["moe_layers"] = count_moe_layers(model)
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(seed))
+    row["head"] = family_head(family)[0]
+    per_layer = expert_groups_per_layer(model)
+    row["groups"] = sum(len(v) for v in per_layer.values())
+    row["groups_per_layer"] = max((len(v) for v in per_layer.values()), default=0)
+    row["group_paths"] = [g for v in per_layer.values() for g in v]
+    inputs = family_inputs(model, family, seed=seed)
+    row["inputs"] = sorted(inputs)
     try:
         with torch.no_grad():
-            ref = model(**lm_inputs(model, ids), use_cache=False).logits.float()
+            ref = model(**inputs, use_cache=False).logits.float()
     except Exception as e:
         row["error"] = f"eager: {_short(e)}"
         row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -82,7 +88,7 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
     try:
         compiled = torch.compile(model, backend="expertflow", options={"expert_budget": BUDGET})
         with collect_reports(report.graphs.append), torch.no_grad():
-            out = compiled(**lm_inputs(model, ids), use_cache=False).logits.float()
+            out = compiled(**inputs, use_cache=False).logits.float()
         diff = (out - ref).abs().max().item()
         scale = ref.abs().max().item()
         row.update(max_diff=diff, scale=scale, exact=bool(diff <= TOL * scale))
@@ -103,7 +109,8 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
             row["offloading"] = bool(s.get("offloading"))
         except Exception as e:
             row["notes"].append(f"stats: {_short(e)}")
-    if row["moe_layers"] and row["error"] is None:
+    if row["moe_layers"] and row["error"] is None and row["head"] in ("causal-lm", "seq2seq-lm"):
+        ids = inputs["input_ids"]
         row["checkpoint"] = {name: load_from_checkpoint(family, model, ids, kw) for name, kw in LAYOUTS}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     del model
@@ -306,7 +313,7 @@ def main(argv=None) -> int:
 
     import transformers
 
-    families = args.families or discover_moe_families()
+    families = args.families or discover_all_moe_families()
     try:
         from tqdm import tqdm
         it = tqdm(families, desc="coverage", file=sys.stdout)
