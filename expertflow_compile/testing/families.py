@@ -282,8 +282,10 @@ FAMILY_OVERRIDES: dict[str, tuple[dict, str]] = {
                  "mrope_section must sum to qk_rope_head_dim // 2"),
     "mistral4": (dict(head_dim=16), "the rotary width is head_dim * partial factor = qk_rope_head_dim"),
     "mistral_large4": (dict(text_config=dict(kv_source_layers=[0, 1])), "one KV source per layer"),
-    "muse_spark": (dict(audio_config=dict(num_hidden_layers=4, hidden_sizes=[16, 16, 32, 32])),
-                   "the audio pyramid has one stage per layer (patch_sizes/hidden_sizes/depths of 4)"),
+    "muse_spark": (dict(audio_config=dict(num_hidden_layers=4, hidden_sizes=[16, 16, 32, 32]),
+                        text_config=dict(moe_hidden_size=32)),
+                   "the audio pyramid has one stage per layer (patch_sizes/hidden_sizes/depths of 4); the experts "
+                   "work in their own width moe_hidden_size (4096 by default)"),
     "inkling_mm_model": (dict(vision_config=dict(n_layers=4, num_hidden_layers=4, patch_size=4)),
                          "the vision tower's channel plan grows with patch_size^2 (40: a 23 GB layer); "
                          "fewer vision layers than output scales would need scipy's linear_sum_assignment"),
@@ -444,7 +446,11 @@ def build_tiny_family(model_type: str, seed: int = 0, *, dtype: torch.dtype = to
         elif kind not in _LM_HEADS:
             notes.append(f"built as {cls_name} ({kind})")
         torch.manual_seed(seed)
-        model = getattr(transformers, cls_name)._from_config(cfg)
+        if kind in _LM_HEADS:   # the auto class picks the model class from the config's own class
+            auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq-lm" else transformers.AutoModelForCausalLM
+            model = auto.from_config(cfg)
+        else:
+            model = getattr(transformers, cls_name)._from_config(cfg)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.dim() >= 2:
