@@ -147,18 +147,52 @@ def family_inputs(model, model_type: str, *, seed: int = 0, seq: int = 6, images
     runs."""
     text = model.config.get_text_config()
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(8, text.vocab_size, (1, seq), generator=g)
+    ids = torch.randint(_FIRST_TEXT_ID, text.vocab_size, (1, seq), generator=g)
     if images and model_type in IMAGE_INPUTS:
         out = IMAGE_INPUTS[model_type](model, ids, g)
     else:
         out = lm_inputs(model, ids)
     canvas = getattr(model.config, "canvas_length", None)
     if isinstance(canvas, int):   # block diffusion: the canvas to refine (else forward draws it at random)
-        out["decoder_input_ids"] = torch.randint(8, text.vocab_size, (1, canvas), generator=g)
+        out["decoder_input_ids"] = torch.randint(_FIRST_TEXT_ID, text.vocab_size, (1, canvas), generator=g)
     return out
 
 
-IMAGE_INPUTS: dict = {}   # model_type -> fn(model, ids, generator) -> inputs with an image (filled below)
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
+def _patch_grid_image(model, ids: torch.Tensor, g: torch.Generator, grid: int = 4) -> dict:
+    """One image for a Qwen-VL-style tower (flattened patches + ``image_grid_thw``): a
+    ``grid x grid`` patch grid, merged ``spatial_merge_size``^2 to one placeholder token each,
+    the placeholders in the middle of the ids, ``mm_token_type_ids`` (and ERNIE's
+    ``moe_mm_token_type_ids``, which routes those tokens to the vision experts) marking them."""
+    cfg = model.config
+    vis = cfg.vision_config
+    merge = getattr(vis, "spatial_merge_size", 2)
+    patch = vis.patch_size
+    tp = getattr(vis, "temporal_patch_size", 1) or 1
+    ch = getattr(vis, "in_channels", None) or getattr(vis, "num_channels", 3)
+    n_img = (grid // merge) ** 2
+    image_token = getattr(cfg, "image_token_id", None)
+    if image_token is None:
+        image_token = cfg.image_token_index
+    pixels = torch.randn(grid * grid, ch * tp * patch * patch, generator=g)
+    half = ids.shape[1] // 2
+    ids = torch.cat([ids[:, :half], torch.full((1, n_img), image_token), ids[:, half:]], dim=1)
+    types = (ids == image_token).int()
+    out = {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": torch.tensor([[1, grid, grid]])}
+    for name in ("mm_token_type_ids", "moe_mm_token_type_ids"):
+        if _accepts(model, name):
+            out[name] = types
+    return out
+
+
+# model_type -> fn(model, ids, generator) -> inputs with an image
+IMAGE_INPUTS: dict = {mt: _patch_grid_image for mt in ("qwen3_vl_moe", "ernie4_5_vl_moe", "glm4v_moe",
+                                                        "qwen3_omni_moe")}
 
 
 def discover_moe_families() -> list[str]:
@@ -365,6 +399,8 @@ def _time_box(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+_FIRST_TEXT_ID = 24   # random text ids are drawn from [_FIRST_TEXT_ID, vocab): clear of special tokens
+
 # sizes of vision / audio towers and other sub-models (applied to every nested config)
 _TOWER_SIZES = dict(
     depth=2, n_layers=2, encoder_layers=2, num_heads=4, encoder_attention_heads=4, d_model=32,
@@ -404,6 +440,13 @@ def _shrink(defaults: dict, extra: dict, text_width: int, notes: list[str], path
     for attr in _OWN_WIDTH_ATTRS:   # a tower's adapter reads the tower's own width
         if isinstance(own.get(attr), int) and attr not in extra and "hidden_size" in kw:
             kw[attr] = kw["hidden_size"]
+    # multimodal placeholder / marker tokens (image, video, audio, vision start, ...) sit far past
+    # the tiny vocabulary: distinct small ids (random text ids start at _FIRST_TEXT_ID)
+    special = [k for k, v in own.items() if (k.endswith("_token_id") or k.endswith("_token_index"))
+               and k not in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+               and isinstance(v, int) and not isinstance(v, bool) and v >= _FIRST_TEXT_ID and k not in extra]
+    for i, k in enumerate(special[:_FIRST_TEXT_ID - 3]):
+        kw[k] = 3 + i
     for k, v in defaults.items():
         if _is_sub_config(k, v):
             kw[k] = v | _shrink(v, extra.get(k, {}), text_width, notes, f"{path}{k}.")
@@ -505,12 +548,18 @@ def expert_groups(model: torch.nn.Module) -> list[str]:
             continue
         cls = type(mod).__name__
         leaf = name.rsplit(".", 1)[-1]
-        if "shared" in leaf.lower() or "shared" in cls.lower():
+        if "shared" in leaf.lower():   # shared_expert(s), shared_mlp: run on every token, not routed
             continue
         is_experts = leaf == "experts" or cls.endswith("Experts")
         has3d = any(p.dim() == 3 for p in mod.parameters(recurse=False)) and (
             "expert" in name.lower() or "expert" in cls.lower() or "moe" in cls.lower())
-        if (is_experts or has3d) and not any(name.startswith(g + ".") for g in groups):
+        if not (is_experts or has3d):
+            continue
+        if leaf != "experts" and "." in name:
+            # one projection of a group (JetMoE/Granite's ParallelExperts input_linear and
+            # output_linear): the group is the module holding them
+            name = name.rsplit(".", 1)[0]
+        if name not in groups and not any(name.startswith(g + ".") for g in groups):
             groups.append(name)
     return groups
 
