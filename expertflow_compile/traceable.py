@@ -61,6 +61,8 @@ Families
 * switch_transformers: top-1 with capacity (dropped tokens get weight 0); experts are
   a ModuleDict of Linear layers whose weights are stacked in the form: the matcher
   hands the per-expert tensors to the runtime, so the stack itself never runs.
+* step3p7: ``Step3p7Experts`` loops over the experts hit; its form is grouped, with the
+  module's clamped SwiGLU ``_apply_gate`` between the projections.
 * dbrx: ``DbrxFFN`` flattens the tokens and calls ``DbrxExperts`` batched: w1/v1/w2
   are 2-D ``[E*I, H]`` parameters viewed as ``[E, I, H]``; gate = x @ w1[e].T,
   up = x @ v1[e].T, down = inter @ w2[e].
@@ -376,6 +378,26 @@ def _experts_interface(self, experts_implementation, default):
     if experts_implementation == "eager" and "grouped_mm" in self:
         return original(self, "grouped_mm", default)
     return original(self, experts_implementation, default)
+
+
+# ---- step3p7 (Step-3.7: its Step3p5 text model's experts are only a loop)
+
+_STEP3P7 = "transformers.models.step3p7.modeling_step3p7"
+
+
+@register(_STEP3P7, "Step3p7Experts")
+def _step3p7_experts(self, hidden_states, top_k_index, top_k_weights):
+    """The loop's math in grouped form: the module's own ``_apply_gate`` (SiLU gate and up,
+    each clamped to the layer's SwiGLU limit, infinite on most layers), routing weight
+    after the down projection. The loop skips id ``num_experts`` (its one-hot has E + 1
+    classes): such a slot gets weight 0 on a clamped id here. The router's top-k never
+    yields it."""
+    n = self.num_experts
+    ids = top_k_index.clamp(max=n - 1)
+    weights = top_k_weights.masked_fill(top_k_index >= n, 0.0)
+    g = _group(hidden_states, ids, n)
+    h = self._apply_gate(_glinear(g, g.rows, self.gate_up_proj))
+    return _combine(g, _glinear(g, h, self.down_proj), weights, hidden_states.dtype)
 
 
 # ---- llama4

@@ -43,12 +43,25 @@ from expertflow_compile.backend import collect_reports  # noqa: E402
 from expertflow_compile.passes.report import ExplainReport  # noqa: E402
 from expertflow_compile.testing.checkpoints import check_loads_from_checkpoint  # noqa: E402
 from expertflow_compile.testing.families import (  # noqa: E402
-    build_tiny_family, count_moe_layers, discover_moe_families, lm_inputs, skipped_moe_families)
+    build_tiny_family, count_moe_layers, discover_all_moe_families, expert_groups_per_layer, family_head,
+    family_inputs, skipped_moe_families)
 
 BUDGET = "50%"
 LOAD_BUDGET = "25%"
 TOL = 1e-5
 LAYOUTS = (("original", {}), ("fused", {"save_original_format": False}))
+
+
+# Expert groups left resident on purpose, and why (the table's "left resident" column).
+RESIDENT_WHY = {
+    "nllb-moe": "transformers 5.24's per-expert loop one-hot-encodes the already one-hot top-1 mask, so only "
+                "experts 0 and 1 ever run: a transformers bug not reproduced in a traceable form (runs as written)",
+    "doge": "its \"experts\" are rows of an embedding table (product-key retrieval): no expert weights",
+    "jetmoe": "the mixture-of-attention experts (JetMoeMoA): a per-expert query projection, then attention "
+              "over all heads, then a per-expert output projection - two single-GEMM expert sets with "
+              "attention between them, while the engine's expert is one up -> gate -> down MLP per slot; "
+              "its MLP experts are offloaded",
+}
 
 
 def _short(e: BaseException) -> str:
@@ -69,11 +82,16 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
         return row
     row["notes"] += notes
     row["moe_layers"] = count_moe_layers(model)
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(seed))
+    row["head"] = family_head(family)[0]
+    per_layer = expert_groups_per_layer(model)
+    row["groups"] = sum(len(v) for v in per_layer.values())
+    row["groups_per_layer"] = max((len(v) for v in per_layer.values()), default=0)
+    row["group_paths"] = [g for v in per_layer.values() for g in v]
+    inputs = family_inputs(model, family, seed=seed)
+    row["inputs"] = sorted(inputs)
     try:
         with torch.no_grad():
-            ref = model(**lm_inputs(model, ids), use_cache=False).logits.float()
+            ref = model(**inputs, use_cache=False).logits.float()
     except Exception as e:
         row["error"] = f"eager: {_short(e)}"
         row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -82,7 +100,7 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
     try:
         compiled = torch.compile(model, backend="expertflow", options={"expert_budget": BUDGET})
         with collect_reports(report.graphs.append), torch.no_grad():
-            out = compiled(**lm_inputs(model, ids), use_cache=False).logits.float()
+            out = compiled(**inputs, use_cache=False).logits.float()
         diff = (out - ref).abs().max().item()
         scale = ref.abs().max().item()
         row.update(max_diff=diff, scale=scale, exact=bool(diff <= TOL * scale))
@@ -90,20 +108,21 @@ def run_family(family: str, *, seed: int = 0, build_limit_s: float = 120.0) -> d
         row["error"] = f"compile: {_short(e)}"
         row["exact"] = False
         row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-6:]
-    row["matched"] = len({b.layer for b in report.blocks})
+    row["matched"] = len([b for b in report.blocks])
     row["matched_layers"] = sorted({b.layer for b in report.blocks if b.layer is not None})
     row["untouched"] = [dict(layer=b.layer, where=b.where, reason=b.reason) for b in report.untouched]
     if row["matched"] and row["error"] is None:
         try:
             s = stats(compiled)
             moved = s.get("bytes_moved", 0)
-            if s.get("offloading") and moved > 0:   # layers whose experts went through the cache
+            if s.get("offloading") and moved > 0:   # expert groups that went through the cache
                 row["offloaded"] = sum(1 for v in s.get("per_layer", {}).values() if v.get("bytes_moved", 0) > 0)
             row["bytes_moved"] = moved
             row["offloading"] = bool(s.get("offloading"))
         except Exception as e:
             row["notes"].append(f"stats: {_short(e)}")
-    if row["moe_layers"] and row["error"] is None:
+    if row["moe_layers"] and row["error"] is None and row["head"] in ("causal-lm", "seq2seq-lm"):
+        ids = inputs["input_ids"]
         row["checkpoint"] = {name: load_from_checkpoint(family, model, ids, kw) for name, kw in LAYOUTS}
     row["seconds"] = round(time.perf_counter() - t0, 2)
     del model
@@ -139,11 +158,33 @@ def _reason_key(reason: str) -> str:
 
 
 def _silent(r: dict) -> int:
-    """MoE layers neither rewritten nor reported untouched (a report without a layer
-    number may stand for several layers, e.g. a dispatch split off the graph)."""
-    if any(u["layer"] is None for u in r["untouched"]):
+    """Expert groups neither rewritten nor reported untouched (a report without a layer
+    number may stand for several groups, e.g. a dispatch split off the graph)."""
+    if any(u["layer"] is None for u in r["untouched"]) or r["family"] in RESIDENT_WHY:
         return 0
-    return max(0, r["moe_layers"] - r["matched"] - len({u["layer"] for u in r["untouched"]}))
+    return max(0, _groups(r) - max(r["matched"], r["offloaded"]) - len(r["untouched"]))
+
+
+def _groups(r: dict) -> int:
+    return r.get("groups", r["moe_layers"])
+
+
+def _all_offloaded(r: dict) -> bool:
+    """Every routed expert group rewritten and served through the expert cache."""
+    g = _groups(r)
+    return bool(g) and r["offloaded"] >= g and not r["error"]
+
+
+def _resident(r: dict) -> tuple[int, str]:
+    """(expert groups left resident, why)."""
+    g = _groups(r)
+    left = max(0, g - r["offloaded"]) if not r["error"] else g
+    if r["family"] in RESIDENT_WHY and (left or not g):
+        return left, RESIDENT_WHY[r["family"]]
+    if not left:
+        return 0, ""
+    why = sorted({u["reason"] for u in r["untouched"]}) or ([r["error"]] if r["error"] else [])
+    return left, "; ".join(why) or "not offloaded (no reason reported)"
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -162,24 +203,26 @@ def summarize(rows: list[dict]) -> dict:
             examples.setdefault(k, []).append(r["family"])
         silent = _silent(r)
         if not r["error"] and silent > 0:
-            k = "MoE layer neither rewritten nor reported untouched (silent miss)"
+            k = "expert group neither rewritten nor reported untouched (silent miss)"
             reasons[k] += silent
             examples.setdefault(k, []).append(r["family"])
+    full = [r for r in rows if _all_offloaded(r)]
     return dict(
         families=len(rows),
+        heads=dict(Counter(r.get("head", "?") for r in rows)),
+        with_images=sum(1 for r in rows if "pixel_values" in r.get("inputs", [])),
         built=len(built),
         exact=sum(1 for r in rows if r["exact"]),
-        fully_matched=sum(1 for r in built if r["moe_layers"] and r["matched"] >= r["moe_layers"]),
-        partially_matched=sum(1 for r in built if 0 < r["matched"] < r["moe_layers"]),
-        matched_any=sum(1 for r in built if r["matched"] > 0),
-        offloaded=sum(1 for r in built if r["moe_layers"] and r["offloaded"] >= r["moe_layers"]),
-        matched_and_offloaded_share=round(
-            sum(1 for r in rows if r["moe_layers"] and min(r["matched"], r["offloaded"]) >= r["moe_layers"])
-            / max(1, len(rows)), 4),
+        groups=sum(_groups(r) for r in rows),
+        groups_offloaded=sum(min(r["offloaded"], _groups(r)) for r in rows),
+        two_groups_per_layer=[r["family"] for r in rows if r.get("groups_per_layer", 1) > 1],
+        fully_offloaded=len(full),
+        fully_offloaded_share=round(len(full) / max(1, len(rows)), 4),
+        not_fully_offloaded=[(r["family"], *_resident(r)) for r in rows if not _all_offloaded(r)],
+        # engine layers (groups) that moved bytes but whose graph report was not collected
+        reports_short=[r["family"] for r in rows if r["matched"] < r["offloaded"]],
         loads_from_checkpoint=sum(1 for r in rows if r.get("checkpoint")
                                   and all(v["ok"] for v in r["checkpoint"].values())),
-        matched_and_loads=sum(1 for r in rows if r["moe_layers"] and r["matched"] >= r["moe_layers"]
-                              and r.get("checkpoint") and all(v["ok"] for v in r["checkpoint"].values())),
         checkpoint_failures=[(r["family"], _loads_cell(r, verbose=True)) for r in rows if r.get("checkpoint")
                              and not all(v["ok"] for v in r["checkpoint"].values())],
         build_failures=[(r["family"], r["error"]) for r in rows if (r["error"] or "").startswith(("build", "eager"))],
@@ -192,33 +235,54 @@ def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def _groups_cell(r: dict) -> str:
+    g, per = _groups(r), r.get("groups_per_layer", 1)
+    return f"{g} ({per} per layer)" if per > 1 else str(g)
+
+
+def _inputs_cell(r: dict) -> str:
+    inp = r.get("inputs", ["input_ids"])
+    return "text + image" if "pixel_values" in inp else "text"
+
+
+def _exact_cell(r: dict) -> str:
+    return "-" if r["exact"] is None else ("yes" if r["exact"] else "**no**")
+
+
+def _headline(summary: dict) -> str:
+    return (f"**{summary['families']} MoE families discovered ({summary['with_images']} run with an image), "
+            f"{summary['exact']} exact, {summary['fully_offloaded']} with every routed expert group offloaded "
+            f"({100 * summary['fully_offloaded_share']:.1f}%); {summary['groups_offloaded']} of "
+            f"{summary['groups']} expert groups offloaded; {summary.get('loads_from_checkpoint', 0)} of the "
+            f"language models loading from a checkpoint in both layouts**")
+
+
 def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
     lines = ["# MoE family coverage", "",
              f"Generated by `python scripts/coverage.py` with transformers {meta['transformers']}, "
-             f"torch {meta['torch']}, CPU, fp32, tiny random models (2 layers, 8 experts, top-2), "
-             f"input ids of shape (1, 6), `expert_budget=\"{BUDGET}\"`. "
+             f"torch {meta['torch']}, CPU, fp32, tiny random models (2 layers, 8 experts, top-2; every sub-config "
+             f"shrunk), built with the family's own head class, `expert_budget=\"{BUDGET}\"`. Inputs: 6 text "
+             "tokens; families with an image input builder also get one image (a 4 x 4 patch grid, its "
+             "placeholder tokens in the ids) so their vision tower and any image-only expert group run. "
+             "An expert group is one set of routed experts with its own router (ERNIE-4.5-VL has a text and a "
+             "vision group per layer; shared experts are not routed and not counted). "
              "Exact: compiled logits within 1e-5 x max|eager| of eager. "
-             "Offloaded: MoE layers whose experts went through the expert cache (bytes moved > 0 for that layer). "
-             "Loads from a checkpoint: saved with `save_pretrained` in both layouts (original per-expert names and "
-             "`save_original_format=False`), loaded with `expertflow_compile.from_pretrained`, every dense tensor, "
-             "buffer and expert equal to `AutoModel*.from_pretrained`'s load, compiled at "
-             f"`expert_budget=\"{LOAD_BUDGET}\"` (one layer's top-k minimum where that is less) and its logits within "
-             "1e-5 x max|logit| of that model's.", "",
-             "## Summary", "",
-             f"- families discovered (causal LM with routed experts): **{summary['families']}**",
-             f"- built tiny and ran eagerly: **{summary['built']}**",
-             f"- exact: **{summary['exact']}**",
-             f"- every MoE layer matched: **{summary['fully_matched']}** "
-             f"(partially: {summary['partially_matched']}, any: {summary['matched_any']})",
-             f"- every MoE layer offloaded: **{summary['offloaded']}**",
-             f"- every MoE layer matched and offloaded, share of all families discovered: "
-             f"**{100 * summary['matched_and_offloaded_share']:.1f}%**",
-             f"- loads from a checkpoint (both layouts): **{summary['loads_from_checkpoint']}** "
-             f"(of the {summary['fully_matched']} fully matched: {summary['matched_and_loads']})",
+             "Offloaded: expert groups whose experts went through the expert cache (bytes moved > 0). "
+             "Loads from a checkpoint (language-model heads): saved with `save_pretrained` in both layouts "
+             "(original per-expert names and `save_original_format=False`), loaded with "
+             "`expertflow_compile.from_pretrained`, every dense tensor, buffer and expert equal to "
+             f"`AutoModel*.from_pretrained`'s load, compiled at `expert_budget=\"{LOAD_BUDGET}\"` (one layer's "
+             "top-k minimum where that is less) and its logits within 1e-5 x max|logit| of that model's.", "",
+             "## Summary", "", _headline(summary), "",
+             f"- heads: {', '.join(f'{k} {v}' for k, v in sorted(summary['heads'].items()))}",
+             f"- built tiny and ran eagerly: **{summary['built']}**; exact: **{summary['exact']}**",
+             f"- two expert groups per layer: {', '.join(summary['two_groups_per_layer']) or 'none'}",
              f"- compile errors: **{len(summary['compile_errors'])}**, build failures: "
              f"**{len(summary['build_failures'])}**", "",
-             "## Top reasons for unmatched blocks", "",
-             "| reason | blocks | families |", "|---|---|---|"]
+             "## Expert groups left resident", "", "| family | groups left resident | why |", "|---|---|---|"]
+    for fam, n, why in summary["not_fully_offloaded"]:
+        lines.append(f"| {fam} | {n} | {_cell(why)[:700]} |")
+    lines += ["", "## Top reasons for unmatched blocks", "", "| reason | blocks | families |", "|---|---|---|"]
     for u in summary["unmatched_reasons"]:
         lines.append(f"| {_cell(u['reason'])} | {u['count']} | {', '.join(u['families'][:8])}"
                      f"{' ...' if len(u['families']) > 8 else ''} |")
@@ -227,8 +291,8 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
                   "| family | why |", "|---|---|"]
         lines += [f"| {fam} | {_cell(why)[:600]} |" for fam, why in summary["checkpoint_failures"]]
     lines += ["", "## Families", "",
-              "| family | MoE layers | matched | offloaded | exact | loads from a checkpoint | notes |",
-              "|---|---|---|---|---|---|---|"]
+              "| family | head | inputs | expert groups | offloaded | exact | loads from a checkpoint | notes |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         notes = []
         if r["error"]:
@@ -236,15 +300,13 @@ def to_markdown(rows: list[dict], summary: dict, meta: dict) -> str:
         notes += sorted({f"untouched: {u['reason']}" for u in r["untouched"]})
         silent = _silent(r)
         if not r["error"] and silent > 0:
-            notes.append(f"{silent} MoE layer(s) neither rewritten nor reported (silent miss)")
-        if r["moe_layers"] == 0 and not r["error"]:
-            notes.append("no expert weights found (no 3-D expert tensor / experts module): out of scope")
+            notes.append(f"{silent} expert group(s) neither rewritten nor reported (silent miss)")
         notes += r["notes"]
-        exact = "-" if r["exact"] is None else ("yes" if r["exact"] else "**no**")
-        lines.append(f"| {r['family']} | {r['moe_layers']} | {r['matched']} | {r['offloaded']} | {exact} | "
-                     f"{_cell(_loads_cell(r, verbose=True))[:300]} | {_cell('; '.join(notes))[:600]} |")
+        lines.append(f"| {r['family']} | {r.get('head', '-')} | {_inputs_cell(r)} | {_groups_cell(r)} | "
+                     f"{r['offloaded']} | {_exact_cell(r)} | {_cell(_loads_cell(r, verbose=True))[:300]} | "
+                     f"{_cell('; '.join(notes))[:600]} |")
     if meta.get("skipped"):
-        lines += ["", "## MoE model types without a language-model head of their own (not run)", ""]
+        lines += ["", "## MoE model types that are not families of their own (run through their composite)", ""]
         lines.append(", ".join(f"`{mt}`" for mt, _ in meta["skipped"]))
     return "\n".join(lines) + "\n"
 
@@ -257,16 +319,12 @@ def to_readme(rows: list[dict], summary: dict, meta: dict) -> str:
     lines = [README_BEGIN,
              f"Generated by `python scripts/coverage.py` (transformers {meta['transformers']}, tiny models, "
              f"`expert_budget=\"{BUDGET}\"`; reasons and build notes in [`docs/coverage.md`](docs/coverage.md)): "
-             f"**{summary['families']} families discovered, {summary['exact']} exact, "
-             f"{summary['fully_matched']} with every MoE layer matched, {summary['offloaded']} with every MoE "
-             f"layer offloaded ({100 * summary['matched_and_offloaded_share']:.1f}% of the families discovered), "
-             f"{summary.get('loads_from_checkpoint', 0)} loading from a checkpoint in both layouts**.",
-             "", "| family | MoE layers | matched | offloaded | exact | loads from a checkpoint |",
-             "|---|---|---|---|---|---|"]
+             + _headline(summary) + ".",
+             "", "| family | head | inputs | expert groups | offloaded | exact | loads from a checkpoint |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        exact = "-" if r["exact"] is None else ("yes" if r["exact"] else "**no**")
-        lines.append(f"| {r['family']} | {r['moe_layers']} | {r['matched']} | {r['offloaded']} | {exact} | "
-                     f"{_loads_cell(r)} |")
+        lines.append(f"| {r['family']} | {r.get('head', '-')} | {_inputs_cell(r)} | {_groups_cell(r)} | "
+                     f"{r['offloaded']} | {_exact_cell(r)} | {_loads_cell(r)} |")
     lines.append(README_END)
     return "\n".join(lines)
 
@@ -306,7 +364,7 @@ def main(argv=None) -> int:
 
     import transformers
 
-    families = args.families or discover_moe_families()
+    families = args.families or discover_all_moe_families()
     try:
         from tqdm import tqdm
         it = tqdm(families, desc="coverage", file=sys.stdout)
@@ -319,7 +377,7 @@ def main(argv=None) -> int:
             it.set_postfix_str(fam)
         row = run_family(fam, build_limit_s=args.build_limit)
         rows.append(row)
-        status = row["error"] or (f"matched {row['matched']}/{row['moe_layers']} exact={row['exact']} "
+        status = row["error"] or (f"offloaded {row['offloaded']}/{_groups(row)} groups exact={row['exact']} "
                                   f"loads={_loads_cell(row, verbose=True)}")
         print(f"  {fam}: {status} ({row['seconds']}s)", flush=True)
     summary = summarize(rows)

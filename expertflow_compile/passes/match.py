@@ -284,12 +284,48 @@ def _segment(start: fx.Node, end: fx.Node, region: set[fx.Node], skip: set[fx.No
     return (down & up) - skip
 
 
-def _extract_fn(start: fx.Node, end: fx.Node, seg: set[fx.Node], what: str):
+class ParamBoundFn:
+    """A function extracted from the graph that also reads module parameters (Muse-Spark's
+    post-expert RMSNorm weight): called on the rows alone, it passes the parameters' real
+    tensors (Dynamo's ``grapharg`` of their placeholders) after them."""
+
+    def __init__(self, fn: fx.GraphModule, params: list[torch.Tensor]):
+        self.fn, self.params = fn, params
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, *[p if p.device == x.device else p.to(x.device) for p in self.params])
+
+
+def _real_param(node: fx.Node) -> torch.Tensor | None:
+    """The real tensor of a parameter placeholder (None where Dynamo kept none)."""
+    arg = node.meta.get("grapharg")
+    try:
+        t = getattr(arg, "example", None)
+    except Exception:   # noqa: BLE001 - a dead weak reference
+        return None
+    return t if isinstance(t, torch.Tensor) and _is_param(node) else None
+
+
+def _const_math(consts: set[fx.Node], region: set[fx.Node], seg: set[fx.Node]) -> set[fx.Node]:
+    """Region nodes computed from ``consts`` alone (``1 + norm.weight``) that ``seg`` reads."""
+    out: set[fx.Node] = set()
+    for n in sorted(region, key=_order):
+        args = [a for a in n.all_input_nodes]
+        if n not in seg and args and all(a in consts or a in out for a in args):
+            out.add(n)
+    used = ancestors(seg) & out
+    return used
+
+
+def _extract_fn(start: fx.Node, end: fx.Node, seg: set[fx.Node], what: str, consts: set[fx.Node] = frozenset()):
     ext = input_nodes_of(seg)
-    bad = [n for n in ext if n is not start]
+    bad = [n for n in ext if n is not start and n not in consts]
     if bad:
         raise _NoMatch(f"the {what} reads more than the projection output: {[n.name for n in bad]}")
-    return extract_subgraph(seg, [start], end)
+    used = [n for n in ext if n in consts]
+    if not used:
+        return extract_subgraph(seg, [start], end)
+    return ParamBoundFn(extract_subgraph(seg, [start, *used], end), [_real_param(n) for n in used])
 
 
 def _describe_fn(seg: set[fx.Node]) -> str:
@@ -467,6 +503,11 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
     others = [n for n in ext if tensor_meta(n) is None and not isinstance(node_value(n), (int, torch.SymInt))]
     if others:
         raise _NoMatch(f"the dispatch region reads non-tensor values {[n.name for n in others]}")
+    # 1-D parameters read by the experts' own elementwise math (a post-expert norm's weight),
+    # bound into the extracted function; any other use is refused below
+    consts = {n for n in tensors if n.op == "placeholder" and tensor_meta(n).is_floating_point()
+              and tensor_meta(n).dim() == 1 and _real_param(n) is not None}
+    tensors = [n for n in tensors if n not in consts]
     ints = [n for n in tensors if not tensor_meta(n).is_floating_point()]
     floats = [n for n in tensors if tensor_meta(n).is_floating_point()]
     if not ints:
@@ -540,7 +581,15 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
             raise _NoMatch("the pre-scaled experts' outputs go through more than a sum over top-k")
     else:
         post_seg = _segment(down_out, mul[1], region, skip)
-        post_fn = _extract_fn(down_out, mul[1], post_seg, "post-expert function") if post_seg else None
+        if post_seg and consts:
+            post_seg |= _const_math(consts, region, post_seg)
+        post_fn = _extract_fn(down_out, mul[1], post_seg, "post-expert function", consts) if post_seg else None
+    if consts:   # the bound parameters may only feed the post-expert function
+        post_nodes = post_seg if not prescale else set()
+        stray = [c.name for c in consts if any(u in region and u not in post_nodes for u in c.users)
+                 or not any(u in post_nodes for u in c.users)]
+        if stray:
+            raise _NoMatch(f"the experts read parameters {stray} outside their post-expert function")
 
     if up.node.target is not down.node.target:
         raise _NoMatch("the two projections use different matmul kinds")

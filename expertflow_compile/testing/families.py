@@ -19,8 +19,9 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["discover_moe_families", "skipped_moe_families", "build_tiny_family", "count_moe_layers",
-           "FAMILY_OVERRIDES", "is_encoder_decoder", "lm_inputs"]
+__all__ = ["discover_moe_families", "discover_all_moe_families", "skipped_moe_families", "build_tiny_family",
+           "count_moe_layers", "expert_groups", "expert_groups_per_layer", "family_head", "family_inputs",
+           "FAMILY_OVERRIDES", "HEAD_OVERRIDES", "NOT_MOE", "is_encoder_decoder", "lm_inputs"]
 
 # class names in a modeling module that mean "this model routes tokens to experts"
 _MOE_CLASS = re.compile(r"^class (\w+(?:Experts|SparseMoeBlock|MoE|Router))\b", re.M)
@@ -54,26 +55,74 @@ def _config_has_moe_attrs(model_type: str) -> bool:
     return any(getattr(cfg, a, None) not in (None, 0) for a in _MOE_CONFIG_ATTRS)
 
 
-@lru_cache(maxsize=1)
-def _scan() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+# the head a family is built with, best first: (kind, name of transformers' auto mapping)
+HEADS = (("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+         ("seq2seq-lm", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+         ("image-text-to-text", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+         ("multimodal-lm", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"),
+         ("token-classification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+         ("model", "MODEL_MAPPING_NAMES"))
+_LM_HEADS = ("causal-lm", "seq2seq-lm")
+# model types whose modeling code matches the MoE scan but that route nothing to experts
+NOT_MOE = {"granite_docling": "its DensityRouter chooses a vision connector path per sample; no experts"}
+# families built through a sub-model (model_type -> (head class, config attribute, why))
+HEAD_OVERRIDES = {
+    "qwen3_omni_moe": ("Qwen3OmniMoeThinkerForConditionalGeneration", "thinker_config",
+                       "the top-level class only has generate(); its thinker (image/audio/text -> text, MoE) is "
+                       "the model with a forward; the talker (speech codes, MoE) is driven by generate() from the "
+                       "thinker's hidden states and is not run here"),
+}
 
-    found, skipped = [], []
+
+def _head_of(model_type: str) -> tuple[str, str] | None:
+    import transformers.models.auto.modeling_auto as ma
+
+    if model_type in HEAD_OVERRIDES:
+        return "multimodal-lm", HEAD_OVERRIDES[model_type][0]
+    for kind, mapping in HEADS:
+        names = getattr(ma, mapping, {})
+        if model_type in names:
+            return kind, names[model_type]
+    return None
+
+
+@lru_cache(maxsize=1)
+def _scan() -> tuple[dict, tuple[tuple[str, str], ...]]:
+    """``({family: (head kind, head class)}, ((model type, why not a family), ...))``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    moe = []
     for mt in CONFIG_MAPPING_NAMES:
         srcs = _modeling_sources(mt)
         has_moe = any(_MOE_CLASS.search(s) for s in srcs)
         if not has_moe and srcs and mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             has_moe = _config_has_moe_attrs(mt)
-        if not has_moe:
-            continue
-        if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
-            found.append(mt)
+        if has_moe:
+            moe.append(mt)
+    parent: dict[str, str] = {}
+    for mt in moe:
+        for sub in (getattr(CONFIG_MAPPING[mt], "sub_configs", None) or {}).values():
+            t = getattr(sub, "model_type", None)
+            if t and t != mt:
+                parent.setdefault(t, mt)
+    found, skipped = {}, []
+    for mt in moe:
+        head = _head_of(mt)
+        if mt in NOT_MOE:
+            skipped.append((mt, NOT_MOE[mt]))
+        elif head is None:
+            skipped.append((mt, f"no model class of its own: part of {parent.get(mt, 'a composite model')}"))
+        elif head[0] not in _LM_HEADS and mt in parent:
+            skipped.append((mt, f"a sub-model of {parent[mt]} (run through it)"))
         else:
-            skipped.append((mt, "no language-model head of its own (multimodal wrapper whose text model is "
-                                "listed, or a vision/audio-only sub-model)"))
-    return tuple(found), tuple(skipped)
+            found[mt] = head
+    return found, tuple(skipped)
+
+
+def family_head(model_type: str) -> tuple[str, str]:
+    """``(kind, class name)`` of the head a family is built with (see ``HEADS``)."""
+    return _scan()[0][model_type]
 
 
 def is_encoder_decoder(model_type: str) -> bool:
@@ -90,14 +139,79 @@ def lm_inputs(model, input_ids: torch.Tensor) -> dict:
     return {"input_ids": input_ids}
 
 
+def family_inputs(model, model_type: str, *, seed: int = 0, seq: int = 6, images: bool = True) -> dict:
+    """Keyword inputs for one forward of a tiny family model: token ids (kept clear of the
+    special and image-placeholder ids) and, for the families in ``IMAGE_INPUTS`` when
+    ``images``, an image: pixel values in the family's layout and its placeholder tokens
+    in the ids, so the vision tower (and any expert group that only image tokens reach)
+    runs."""
+    text = model.config.get_text_config()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(_FIRST_TEXT_ID, text.vocab_size, (1, seq), generator=g)
+    if images and model_type in IMAGE_INPUTS:
+        out = IMAGE_INPUTS[model_type](model, ids, g)
+    else:
+        out = lm_inputs(model, ids)
+    canvas = getattr(model.config, "canvas_length", None)
+    if isinstance(canvas, int):   # block diffusion: the canvas to refine (else forward draws it at random)
+        out["decoder_input_ids"] = torch.randint(_FIRST_TEXT_ID, text.vocab_size, (1, canvas), generator=g)
+    return out
+
+
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
+def _patch_grid_image(model, ids: torch.Tensor, g: torch.Generator, grid: int = 4) -> dict:
+    """One image for a Qwen-VL-style tower (flattened patches + ``image_grid_thw``): a
+    ``grid x grid`` patch grid, merged ``spatial_merge_size``^2 to one placeholder token each,
+    the placeholders in the middle of the ids, ``mm_token_type_ids`` (and ERNIE's
+    ``moe_mm_token_type_ids``, which routes those tokens to the vision experts) marking them."""
+    cfg = model.config
+    vis = cfg.vision_config
+    merge = getattr(vis, "spatial_merge_size", 2)
+    patch = vis.patch_size
+    tp = getattr(vis, "temporal_patch_size", 1) or 1
+    ch = getattr(vis, "in_channels", None) or getattr(vis, "num_channels", 3)
+    n_img = (grid // merge) ** 2
+    image_token = getattr(cfg, "image_token_id", None)
+    if image_token is None:
+        image_token = cfg.image_token_index
+    pixels = torch.randn(grid * grid, ch * tp * patch * patch, generator=g)
+    half = ids.shape[1] // 2
+    ids = torch.cat([ids[:, :half], torch.full((1, n_img), image_token), ids[:, half:]], dim=1)
+    types = (ids == image_token).int()
+    out = {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": torch.tensor([[1, grid, grid]])}
+    for name in ("mm_token_type_ids", "moe_mm_token_type_ids"):
+        if _accepts(model, name):
+            out[name] = types
+    return out
+
+
+# model_type -> fn(model, ids, generator) -> inputs with an image
+IMAGE_INPUTS: dict = {mt: _patch_grid_image for mt in ("qwen3_vl_moe", "ernie4_5_vl_moe", "glm4v_moe",
+                                                        "qwen3_omni_moe")}
+
+
 def discover_moe_families() -> list[str]:
     """Model types of the installed transformers that have a language-model head (causal
-    or encoder-decoder) and routed experts."""
+    or encoder-decoder) and routed experts (the ones ``from_pretrained`` loads)."""
+    return [mt for mt, (kind, _) in _scan()[0].items() if kind in _LM_HEADS]
+
+
+def discover_all_moe_families() -> list[str]:
+    """Every MoE family of the installed transformers whatever its head: the language
+    models of :func:`discover_moe_families` plus every top-level model (image-text-to-text,
+    multimodal, token classification, bare) whose modeling code routes to experts. Sub-models
+    (a composite's vision tower or text model without a head of its own) are run through
+    their composite and not listed."""
     return list(_scan()[0])
 
 
 def skipped_moe_families() -> list[tuple[str, str]]:
-    """MoE model types left out of :func:`discover_moe_families`, with the reason."""
+    """MoE model types that are not families of their own, with the reason."""
     return list(_scan()[1])
 
 
@@ -182,6 +296,35 @@ FAMILY_OVERRIDES: dict[str, tuple[dict, str]] = {
                       "the LM head has unpadded_vocab_size rows (default 200058, more than the tiny vocab_size: "
                       "save_pretrained's re-padding to vocab_size would fail)"),
     "inkling2_loop_text": (dict(unpadded_vocab_size=128), "as inkling2_text"),
+    "deepseek_ocr2": (dict(text_config=dict(mlp_layer_types=["sparse", "sparse"])),
+                      "the text config's mlp_layer_types defaults to None and the decoder indexes it"),
+    "unlimited_ocr": (dict(text_config=dict(mlp_layer_types=["sparse", "sparse"])), "as deepseek_ocr2"),
+    "diffusion_gemma": (dict(canvas_length=8, text_config=dict(per_layer_config={}, enable_moe_block=True, num_experts=8, top_k_experts=2,
+                                              moe_intermediate_size=48)),
+                        "as gemma4_text (MoE off by default); per-layer table keyed by the 30 default layers; "
+                        "a canvas of 8 tokens (256 by default)"),
+    "ernie4_5_vl_moe": (dict(text_config=dict(moe_intermediate_size=[48, 40], moe_num_experts=8, moe_k=2, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2]))),
+                        "two expert groups per layer (text and vision experts): moe_intermediate_size is one "
+                        "size per group"),
+    "glm4v_moe": (dict(text_config=dict(head_dim=16, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1]))),
+                  "multimodal RoPE: mrope_section must sum to half the rotary width"),
+    "glm5_next": (dict(text_config=dict(qk_rope_head_dim=0)), "DSA attention layers are NoPE (qk_rope_head_dim=0)"),
+    "hy_v4_vl": (dict(text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                            mrope_section=[2, 1, 1]))),
+                 "mrope_section must sum to qk_rope_head_dim // 2"),
+    "mistral4": (dict(head_dim=16), "the rotary width is head_dim * partial factor = qk_rope_head_dim"),
+    "mistral_large4": (dict(text_config=dict(kv_source_layers=[0, 1])), "one KV source per layer"),
+    "muse_spark": (dict(audio_config=dict(num_hidden_layers=4, hidden_sizes=[16, 16, 32, 32]),
+                        text_config=dict(moe_hidden_size=32)),
+                   "the audio pyramid has one stage per layer (patch_sizes/hidden_sizes/depths of 4); the experts "
+                   "work in their own width moe_hidden_size (4096 by default)"),
+    "inkling_mm_model": (dict(vision_config=dict(n_layers=4, num_hidden_layers=4, patch_size=4)),
+                         "the vision tower's channel plan grows with patch_size^2 (40: a 23 GB layer); "
+                         "fewer vision layers than output scales would need scipy's linear_sum_assignment"),
+    "qwen3_omni_moe": (dict(talker_config=dict(text_config=dict(shared_expert_intermediate_size=40))),
+                       "the talker's MoE reads shared_expert_intermediate_size, which its config class lacks"),
     "lfm2_moe": (dict(layer_types=["conv", "full_attention"]),
                  "layer_types defaults to None and is required to place conv vs attention layers"),
 }
@@ -256,40 +399,101 @@ def _time_box(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+_FIRST_TEXT_ID = 24   # random text ids are drawn from [_FIRST_TEXT_ID, vocab): clear of special tokens
+
+# sizes of vision / audio towers and other sub-models (applied to every nested config)
+_TOWER_SIZES = dict(
+    depth=2, n_layers=2, encoder_layers=2, num_heads=4, encoder_attention_heads=4, d_model=32,
+    encoder_ffn_dim=64, mlp_dim=64, projection_hidden_dim=64, projector_hidden_size=64,
+    projection_intermediate_size=64, downsample_hidden_size=16, output_channels=16,
+    num_position_embeddings=256, position_embedding_size=256, num_mel_bins=16, n_mel_bins=16,
+)
+# widths that must equal the sub-model's own hidden size
+_OWN_WIDTH_ATTRS = ("adapter_in_dim", "adapter_input_size")
+# widths that must equal the language model's hidden size (a tower's output projection)
+_TEXT_WIDTH_ATTRS = ("out_hidden_size", "text_hidden_size", "output_dim", "thinker_hidden_size",
+                     "adapter_out_dim", "projector_out_dim")
+
+
+def _is_sub_config(key: str, val) -> bool:
+    # per-layer tables (``per_layer_config``: {layer index: ...}) are attributes, not sub-configs
+    return isinstance(val, dict) and ("model_type" in val or key.endswith("_config") and not any(
+        isinstance(k, int) or str(k).isdigit() for k in val) and bool(val))
+
+
+def _shrink(defaults: dict, extra: dict, text_width: int, notes: list[str], path: str = "") -> dict:
+    """Tiny kwargs for one (possibly composite) config dict: the generic sizes on its own
+    attributes where it has any, and recursively on every nested sub-config."""
+    own = {k: v for k, v in defaults.items() if not _is_sub_config(k, v)}
+    plain = {k: v for k, v in extra.items() if not _is_sub_config(k, defaults.get(k))}
+    if any(k in own for k in ("hidden_size", "d_model", "num_hidden_layers", "depth", "n_layers")):
+        sizes = dict(_SIZES) | _TOWER_SIZES
+        kw = {k: v for k, v in sizes.items() if k in own and k not in extra}
+        base, tnotes = _tiny_kwargs(own, plain)
+        kw |= base
+        notes += [f"{path}{n}" for n in tnotes]
+    else:
+        kw = dict(plain)
+    for attr in _TEXT_WIDTH_ATTRS:
+        if isinstance(own.get(attr), int) and attr not in extra:
+            kw[attr] = text_width
+    for attr in _OWN_WIDTH_ATTRS:   # a tower's adapter reads the tower's own width
+        if isinstance(own.get(attr), int) and attr not in extra and "hidden_size" in kw:
+            kw[attr] = kw["hidden_size"]
+    # multimodal placeholder / marker tokens (image, video, audio, vision start, ...) sit far past
+    # the tiny vocabulary: distinct small ids (random text ids start at _FIRST_TEXT_ID)
+    special = [k for k, v in own.items() if (k.endswith("_token_id") or k.endswith("_token_index"))
+               and k not in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+               and isinstance(v, int) and not isinstance(v, bool) and v >= _FIRST_TEXT_ID and k not in extra]
+    for i, k in enumerate(special[:_FIRST_TEXT_ID - 3]):
+        kw[k] = 3 + i
+    for k, v in defaults.items():
+        if _is_sub_config(k, v):
+            kw[k] = v | _shrink(v, extra.get(k, {}), text_width, notes, f"{path}{k}.")
+    return kw
+
+
 def tiny_family_config(model_type: str):
-    """The tiny config of ``model_type`` and the notes on what was forced."""
+    """The tiny config of ``model_type`` and the notes on what was forced: the generic
+    sizes on the config and on every nested sub-config (text, vision, audio, ...), the
+    towers' output widths set to the text hidden size, then the family's override."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     extra, why = FAMILY_OVERRIDES.get(model_type, ({}, ""))
     notes = [f"override: {why}"] if why else []
     defaults = cls().to_dict()
-    text = defaults.get("text_config")
-    if isinstance(text, dict) and "hidden_size" not in defaults:
-        # composite config whose causal LM reads the text sub-config
-        tkw, tnotes = _tiny_kwargs(text, extra.get("text_config", {}))
-        kw = {k: v for k, v in extra.items() if k != "text_config"} | {"text_config": text | tkw}
-        notes += tnotes + ["sizes applied to text_config"]
-    else:
-        kw, tnotes = _tiny_kwargs(defaults, extra)
-        notes += tnotes
+    kw = _shrink(defaults, extra, _SIZES["hidden_size"], notes)
+    if any(_is_sub_config(k, v) for k, v in defaults.items()):
+        notes.append("sizes applied to every sub-config")
     return cls(**kw), notes
 
 
 def build_tiny_family(model_type: str, seed: int = 0, *, dtype: torch.dtype = torch.float32,
                       time_limit_s: float = 120.0):
-    """Build a tiny random causal-LM of ``model_type`` in eval mode: ``(model, notes)``.
+    """Build a tiny random model of ``model_type`` with its head (``family_head``) in eval
+    mode: ``(model, notes)``.
 
     Raises on failure (``TimeoutError`` past ``time_limit_s``); callers record the reason.
     Router weights get a larger scale than HF's init so that routing is decisive.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    import transformers
 
     with _time_box(time_limit_s):
         cfg, notes = tiny_family_config(model_type)
+        kind, cls_name = family_head(model_type)
+        if model_type in HEAD_OVERRIDES:
+            _, attr, why = HEAD_OVERRIDES[model_type]
+            cfg = getattr(cfg, attr)
+            notes.append(f"built as {cls_name}: {why}")
+        elif kind not in _LM_HEADS:
+            notes.append(f"built as {cls_name} ({kind})")
         torch.manual_seed(seed)
-        auto = AutoModelForSeq2SeqLM if is_encoder_decoder(model_type) else AutoModelForCausalLM
-        model = auto.from_config(cfg)
+        if kind in _LM_HEADS:   # the auto class picks the model class from the config's own class
+            auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq-lm" else transformers.AutoModelForCausalLM
+            model = auto.from_config(cfg)
+        else:
+            model = getattr(transformers, cls_name)._from_config(cfg)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.dim() >= 2:
@@ -325,3 +529,44 @@ def count_moe_layers(model: torch.nn.Module) -> int:
         m = re.search(r"^(.*?(?:^|\.)(?:layers|h|blocks|block|layer)\.\d+)\.", name + ".")
         layers.add(m.group(1) if m else name)
     return len(layers)
+
+
+def _layer_prefix(name: str) -> str:
+    m = re.search(r"^(.*?(?:^|\.)(?:layers|h|blocks|block|layer)\.\d+)\.", name + ".")
+    return m.group(1) if m else name
+
+
+def expert_groups(model: torch.nn.Module) -> list[str]:
+    """Module paths of the routed expert groups of ``model``: one per set of experts with
+    its own routing (a layer with text and vision experts has two; shared experts, run on
+    every token, are not routed and not counted). A group is the outermost module that is
+    an experts module (``*Experts`` class or an ``experts`` attribute) or owns a 3-D expert
+    weight; convolutions are never experts."""
+    groups: list[str] = []
+    for name, mod in model.named_modules():
+        if not name or isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            continue
+        cls = type(mod).__name__
+        leaf = name.rsplit(".", 1)[-1]
+        if "shared" in leaf.lower():   # shared_expert(s), shared_mlp: run on every token, not routed
+            continue
+        is_experts = leaf == "experts" or cls.endswith("Experts")
+        has3d = any(p.dim() == 3 for p in mod.parameters(recurse=False)) and (
+            "expert" in name.lower() or "expert" in cls.lower() or "moe" in cls.lower())
+        if not (is_experts or has3d):
+            continue
+        if leaf != "experts" and "." in name:
+            # one projection of a group (JetMoE/Granite's ParallelExperts input_linear and
+            # output_linear): the group is the module holding them
+            name = name.rsplit(".", 1)[0]
+        if name not in groups and not any(name.startswith(g + ".") for g in groups):
+            groups.append(name)
+    return groups
+
+
+def expert_groups_per_layer(model: torch.nn.Module) -> dict[str, list[str]]:
+    """:func:`expert_groups` by layer (``model.layers.0`` -> its groups)."""
+    out: dict[str, list[str]] = {}
+    for g in expert_groups(model):
+        out.setdefault(_layer_prefix(g), []).append(g)
+    return out
