@@ -149,7 +149,7 @@ def test_a_per_model_recompile_limit_keeps_every_style_compiled():
 
     model.compile(backend=counting, options=OPTIONS, recompile_limit=64)
     assert _run_styles(model, refs, styles) == []
-    assert 8 < len(graphs) <= 3 * len(styles), len(graphs)
+    assert 8 < len(graphs) <= 16, len(graphs)   # 13 measured (transformers 5.24): later styles reuse graphs
 
 
 def test_uncompiled_disk_model_still_refuses(tmp_path):
