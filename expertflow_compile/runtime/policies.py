@@ -137,6 +137,12 @@ class Policy:
         """The eviction key (smallest goes first) of any assigned slot, candidate or not."""
         raise NotImplementedError
 
+    def next_use(self, slot) -> float:
+        """Predicted layer moves until the slot's expert is used next (inf: unknown or never).
+        A prefetch for a use ``d`` moves away may evict only an expert whose ``next_use`` is
+        larger (do no harm); a policy that predicts nothing answers inf."""
+        return math.inf
+
     @property
     def candidates(self) -> int:
         raise NotImplementedError
@@ -265,6 +271,9 @@ class PredictivePolicy(Policy):
 
     def hinted(self, key) -> bool:
         return key[1] in self.hints.get(key[0], ())
+
+    def next_use(self, slot) -> float:
+        return -self.key(slot)[0]
 
     # -- candidates
     def add(self, slot) -> None:
