@@ -79,11 +79,24 @@ def test_simulate_projects_every_budget(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PROJECTION" in printed and "assumptions:" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert [r["budget"] for r in rows] == ["100%", "25%", "25%", "50%", "50%"]
+    assert [r["budget"] for r in rows] == ["100%"] + ["25%"] * 3 + ["50%"] * 3
     lru = {r["budget"]: r for r in rows if r["predictor"] == "lru"}
+    bound = {r["budget"]: r for r in rows if r["predictor"] == "MIN (bound)"}
     assert lru["50%"]["tokens_per_s"] >= lru["25%"]["tokens_per_s"]   # more budget, never slower
+    for b in ("25%", "50%"):       # MIN's loads, all on demand: never more loads nor slower than LRU
+        assert bound[b]["loads_per_token"] <= lru[b]["loads_per_token"]
+        assert bound[b]["tokens_per_s"] >= lru[b]["tokens_per_s"] - 1e-9
+    for r in rows[1:]:
+        assert r["loads_over_min"] >= 1.0 - 1e-9 and r["resident_rate"] <= r["ready_rate"] + 1e-9
+    assert "tiny_mixtral" in printed and "routing:" in printed
     assert all(r["tokens_per_s"] <= rows[0]["tokens_per_s"] + 1e-9 for r in rows)
     assert lru["25%"]["device_GiB"] < rows[0]["device_GiB"]
+
+
+def test_simulate_fine_grained_target_replays_the_fine_grained_model(capsys):
+    assert main(["simulate", "--model", "qwen3-30b-a3b", "--tokens", "64", "--budgets", "25%"]) == 0
+    printed = capsys.readouterr().out
+    assert "routing: the shipped tiny_qwen2_moe's routing (60 experts, top-4)" in printed
 
 
 def test_simulate_bad_profile_exit_2():

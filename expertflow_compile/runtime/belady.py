@@ -37,8 +37,9 @@ def next_use_table(calls: Sequence[tuple[int, Sequence[int]]]) -> list[list[floa
     return out
 
 
-def min_loads(calls: Sequence[tuple[int, Sequence[int]]], slots: int) -> tuple[int, int]:
-    """Belady's MIN over ``calls`` with ``slots`` slots: ``(loads, resident uses)``."""
+def min_loads(calls: Sequence[tuple[int, Sequence[int]]], slots: int, per_call: list | None = None) -> tuple[int, int]:
+    """Belady's MIN over ``calls`` with ``slots`` slots: ``(loads, resident uses)``;
+    ``per_call`` (a list) receives each call's loads."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     calls = [(int(layer), list(dict.fromkeys(int(e) for e in experts))) for layer, experts in calls]
@@ -56,6 +57,8 @@ def min_loads(calls: Sequence[tuple[int, Sequence[int]]], slots: int) -> tuple[i
             heapq.heappush(heap, (-n, tick, (layer, e)))
             resident += 1
         miss.sort(key=lambda t: -t[1])
+        if per_call is not None:
+            per_call.append(len(miss))
         for e, n in miss:
             if len(cached) >= slots:
                 while True:

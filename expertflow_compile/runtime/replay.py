@@ -117,7 +117,7 @@ def _next_after(uses, key, i) -> float:
 class ReplayResult:
     """One replay's figures (definitions: :mod:`~expertflow_compile.runtime.stats`):
     ``resident`` uses found their expert loaded before the call's own prefetches were
-    issued, ``ready`` uses found it loaded when the call acquired it (resident, or a
+    issued (and still there after them), ``ready`` uses found it loaded when the call acquired it (resident, or a
     prefetch that landed), ``loads = demand_loads + prefetch_loads``, ``wasted_loads``
     prefetch loads evicted unused, ``min_loads`` Belady's MIN on the same calls and slots."""
 
@@ -290,7 +290,6 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
             if per_call is not None:
                 before = (cache.stats.prefetch_loads, cache.stats.demand_loads)
             here = cache.resident_experts(c.layer)
-            resident += sum(e in here for e in c.active)
             if oracle:
                 cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
@@ -302,6 +301,9 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                     if ranked:
                         cache.prefetch(t, ranked)
                 cache.run_prefetches()
+            if here:                              # resident when the call began, not evicted by its prefetches
+                now = cache.resident_experts(c.layer)
+                resident += sum(e in here and e in now for e in c.active)
             order = c.active
             if oracle:
                 resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
