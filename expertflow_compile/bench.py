@@ -24,7 +24,7 @@ from .runtime.store import ExpertStore
 
 __all__ = ["MODES", "ThrottledStore", "run_mode", "run_bench", "format_table", "plot"]
 
-MODES = ("hf-resident", "hf-accelerate", "ef-lru", "ef-lookahead")
+MODES = ("hf-resident", "hf-accelerate", "ef-lru", "ef-lookahead", "ef-predictive-lookahead")
 DEFAULT_PROMPTS = ("The Python standard library", "def main():", "import os", "Exceptions are raised")
 
 
@@ -97,8 +97,11 @@ def run_mode(mode: str, path: str, budget: str, new_tokens: int, prompts=DEFAULT
             p.numel() * p.element_size() for n, p in model.named_parameters()
             if p.dim() == 3 and "experts" in n and p.device.type == "cpu")
     elif mode.startswith("ef-"):
-        predictor = mode[3:] if mode != "ef-lru" else "none"
-        options = {"expert_budget": budget, "predictor": predictor}
+        # ef-lru: no prediction; ef-NAME: LRU + predictor NAME; ef-predictive-NAME: the predictive policy
+        policy, predictor = "lru", (mode[3:] if mode != "ef-lru" else "none")
+        if predictor.startswith("predictive-"):
+            policy, predictor = "predictive", predictor[len("predictive-"):]
+        options = {"expert_budget": budget, "predictor": predictor, "policy": policy}
         if predictor in ("path", "oracle"):
             options["predictor_path"] = predictor_path
         model = ef.from_pretrained(path, dtype=torch.float32)

@@ -602,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "MoE checkpoint (default: the shipped tiny Mixtral)")
     b.add_argument("--budgets", default="12.5%,25%,50%", help="comma-separated expert budgets")
     b.add_argument("--modes", default=None, help="comma-separated, from hf-resident, hf-accelerate, ef-lru, "
-                   "ef-lookahead, ef-path, ef-oracle (default: the first four; hf-accelerate needs the bench extra)")
+                   "ef-lookahead, ef-predictive-lookahead, ef-path, ef-oracle (default: the first five; hf-accelerate "
+                   "needs the bench extra)")
     b.add_argument("--new-tokens", type=_positive_int, default=16)
     b.add_argument("--link-bandwidth", default=None, help='emulate a host-device link, e.g. "2GB/s"')
     b.add_argument("--predictor-path", default=None, help="for ef-path / ef-oracle modes")

@@ -167,5 +167,5 @@ def test_bench_drops_default_accelerate_mode_without_accelerate(monkeypatch, cap
     monkeypatch.setattr("expertflow_compile.bench.run_bench", lambda path, budgets, modes, *a, **k: calls.append(modes) or [])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["bench", "--out", str(tmp_path)]) == 0
-    assert calls == [["hf-resident", "ef-lru", "ef-lookahead"]]
+    assert calls == [["hf-resident", "ef-lru", "ef-lookahead", "ef-predictive-lookahead"]]
     assert "no hf-accelerate rows" in capsys.readouterr().err

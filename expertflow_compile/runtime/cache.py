@@ -12,12 +12,15 @@ or reserved by a layer call that loads it itself), LOADING (being read, by the w
 caller), READY (loaded). QUEUED and LOADING are "in flight". Pinned slots (held by a layer
 call or an ``acquire``) are never evicted nor cancelled.
 
+**Prefetches do no harm**: a prefetch for a use ``d`` layer moves away evicts only an expert
+whose predicted next use (``Policy.next_use``) is further than ``d``; otherwise it stops.
+
 **Which slot to evict** is the policy's choice (:mod:`~expertflow_compile.runtime.policies`,
 names in ``POLICIES``): the policy keeps the *candidates* (READY, unpinned, not protected)
 in a structure ordered by its eviction key, so a victim is found in O(log n), independent
 of the slot count. With every policy, an expert prefetched and not yet used is "protected"
-until execution has gone through its layer without using it (then it was a misprediction
-and competes normally): while protected, a demand load evicts it only when no other victim
+until execution has gone through its layer without using it (then it was a misprediction:
+loaded, it competes normally; still queued, it is cancelled): while protected, a demand load evicts it only when no other victim
 exists (the few protected slots are then compared by the policy's key), and another
 prefetch never evicts it. A demand load that finds no victim cancels the most recently
 queued unpinned prefetch, else waits for a load in flight or for another thread's pins.
@@ -794,10 +797,15 @@ class ExpertCache:
         if layer == self._last_layer:
             return
         if self._last_layer is not None:
-            # the layer ran: its unused prefetches were wrong, they compete normally now
+            # the layer ran: its unused prefetches were wrong (the router disagreed): the loaded
+            # ones compete normally now, the ones still queued are cancelled (no transfer for them)
             for slot in self._protected.pop(self._last_layer, ()):
                 slot.protected = False
-                self._settle(slot)
+                if slot.state == _QUEUED and slot.pins == 0 and slot.prefetched and not slot.demand:
+                    self._count_eviction(slot.key[0], evicted=0, cancelled=1)
+                    self._free_slot(slot)
+                else:
+                    self._settle(slot)
         self._last_layer = layer
         self._clock += 1
         self.strategy.on_enter_layer(layer, self._clock, self._table.get)
@@ -973,12 +981,14 @@ class ExpertCache:
             self._loading += len(batch)
         counts = lease._counts
         lease._ready = [(e, held[e]) for e in ready]
-        for e, slot in lease._ready:          # resident: the use happens now
+        for e, slot in lease._ready:          # loaded: the use happens now
             counts.hits += 1
-            counts.resident += 1
-            if slot.prefetched:
+            if slot.prefetched:                # brought in by a speculative load not used yet
+                counts.arrived += 1
                 counts.prefetch_used += 1
                 slot.prefetched = False
+            else:
+                counts.resident += 1
             self._used(slot)
         lease._pending = pending
         lease._deferred = deferred

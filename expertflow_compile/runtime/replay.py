@@ -16,8 +16,8 @@ Prefetches complete before the layer's experts are acquired (the cache runs with
 prefetch calls, so a run is deterministic; only the cache's public interface is used): the
 replay measures what a predictor's *choices* do to the cache under an unlimited-bandwidth
 assumption, not transfer timing. Counters come from the cache's own
-:class:`~expertflow_compile.runtime.stats.RuntimeStats`: ``loads = demand + prefetch``,
-``ready_rate = hits / uses``.
+:class:`~expertflow_compile.runtime.stats.RuntimeStats` (the definitions are there): resident
+and ready rates, ``loads = demand + prefetch``, wasted loads, and MIN loads on the same calls.
 
 :func:`belady_min` is Belady's MIN on the same layer calls and slot budget (offline
 optimal demand paging; within a layer call, misses are loaded furthest-next-use first,
@@ -116,9 +116,9 @@ def _next_after(uses, key, i) -> float:
 @dataclass
 class ReplayResult:
     """One replay's figures (definitions: :mod:`~expertflow_compile.runtime.stats`):
-    ``resident`` uses found their expert loaded before the call's own prefetches were
-    issued (and still there after them), ``ready`` uses found it loaded when the call acquired it (resident, or a
-    prefetch that landed), ``loads = demand_loads + prefetch_loads``, ``wasted_loads``
+    ``resident`` uses found their expert cached when the call began, not brought in by a
+    still unused prefetch, ``ready`` uses found it loaded when the call acquired it
+    (resident, or a prefetch that landed), ``loads = demand_loads + prefetch_loads``, ``wasted_loads``
     prefetch loads evicted unused, ``min_loads`` Belady's MIN on the same calls and slots."""
 
     policy: str
@@ -284,12 +284,10 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     if predictions is None and candidates is not None and predictor not in ("none", "oracle-distance"):
         predictions = call_predictions(trace, calls, candidates, issue)
     uses = _next_uses(calls) if oracle else None
-    resident = 0
     try:
         for i, c in enumerate(calls):
             if per_call is not None:
                 before = (cache.stats.prefetch_loads, cache.stats.demand_loads)
-            here = cache.resident_experts(c.layer)
             if oracle:
                 cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
@@ -301,9 +299,6 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                     if ranked:
                         cache.prefetch(t, ranked)
                 cache.run_prefetches()
-            if here:                              # resident when the call began, not evicted by its prefetches
-                now = cache.resident_experts(c.layer)
-                resident += sum(e in here and e in now for e in c.active)
             order = c.active
             if oracle:
                 resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
@@ -325,7 +320,7 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     finally:
         cache.close()
     tokens = len({t for c in calls for t in c.tokens})
-    return ReplayResult(policy if not oracle else "predictive", predictor, slots, s["uses"], resident,
+    return ReplayResult(policy if not oracle else "predictive", predictor, slots, s["uses"], s["resident"],
                         s["resident"] + s["arrived"], s["loads"], s["demand_loads"], s["prefetch_loads"],
                         s["wasted_loads"], tokens, min_loads(_as_pairs(calls), slots)[0])
 

@@ -7,12 +7,13 @@ uses
     One use is one expert of one MoE layer call (``acquire_layer`` counts each distinct
     expert once; ``acquire`` is a call of one expert).
 resident rate
-    ``resident / uses``: the expert was loaded (READY) when its layer call began - the
-    classic hit rate, comparable with Belady's MIN and with papers' hit rates.
+    ``resident / uses``: the expert was in the cache when its layer call began, and not
+    brought there by a speculative load still waiting for its first use - the classic
+    demand hit rate, comparable with Belady's MIN and with papers' hit rates.
 ready rate
-    ``(resident + arrived) / uses``: resident, or a speculative load (a prefetch issued
-    before the call) that had landed by the time the call reached the expert - no wait,
-    no load of its own. ``ready >= resident``; with no prefetching they are equal.
+    ``(resident + arrived) / uses``: resident, or brought in by a speculative load (a
+    prefetch) that had landed by the time the call reached the expert - no wait, no load
+    of its own. ``ready >= resident``; with no prefetching they are equal.
 loads
     Every transfer into a slot: ``demand_loads`` (a layer call's own misses, whoever reads
     them: the caller, or the worker when ``queue_misses`` hands them to it - they are never

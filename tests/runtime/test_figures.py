@@ -46,20 +46,20 @@ def test_queued_misses_are_demand_loads_not_prefetches():
     assert s["resident"] == s["arrived"] == 0 and s["ready_rate"] == 0.0 and s["min_loads"] == 3
 
 
-def test_a_prefetch_landed_before_the_call_is_ready_and_an_unused_one_is_wasted():
+def test_a_landed_prefetch_is_ready_not_resident_and_an_unused_one_is_wasted():
     cache = ExpertCache(ByteStore({0: 4, 1: 4}), 2, prefetch="deferred", stats=RuntimeStats())
     try:
         cache.acquire_layer(0, [0]).release()           # demand load
         assert cache.prefetch(1, [1, 2]) == 2           # LRU predicts nothing: the prefetch may evict 0
         cache.run_prefetches()
-        cache.acquire_layer(1, [1]).release()           # the prefetch landed: resident when the call began
+        cache.acquire_layer(1, [1]).release()           # the prefetch landed: ready (arrived), not resident
         cache.acquire_layer(0, [3]).release()           # layer 1 ran without 2: 2 goes, loaded and never used
         s = cache.stats.as_dict()
     finally:
         cache.close()
     assert (s["demand_loads"], s["prefetch_loads"], s["loads"]) == (2, 2, 4)
-    assert (s["resident"], s["wasted_loads"], s["prefetch_used"], s["evictions"]) == (1, 1, 1, 2)
-    assert s["min_loads"] == 3 and s["resident_rate"] == s["ready_rate"] == 1 / 3
+    assert (s["resident"], s["arrived"], s["wasted_loads"], s["prefetch_used"], s["evictions"]) == (0, 1, 1, 1, 2)
+    assert s["min_loads"] == 3 and s["resident_rate"] == 0.0 and s["ready_rate"] == 1 / 3
 
 
 @settings(max_examples=60, deadline=None)
