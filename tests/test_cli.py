@@ -34,7 +34,26 @@ def test_run_on_shipped_model_same_tokens_at_25_percent(capsys):
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["same tokens as fully resident"] == "True"
     assert "(25%)" in table["expert memory (budget / all experts)"]
-    assert 0.0 <= float(table["hit rate"]) <= 1.0
+    resident, ready = (float(x) for x in table["resident rate / ready rate"].split(" (")[0].split(" / "))
+    assert 0.0 <= resident <= ready <= 1.0
+    loads = table["loads (demand + speculative, wasted)"]            # "D + S = L, W wasted"
+    demand, rest = loads.split(" + ")
+    spec, rest = rest.split(" = ")
+    total, wasted = rest.split(", ")
+    assert int(demand) + int(spec) == int(total) and int(wasted.split()[0]) <= int(spec)
+    min_loads, ratio = table["MIN loads (Belady, same slots) / ratio"].split(" / x")
+    assert 0 < int(min_loads) <= int(total) and float(ratio) >= 1.0
+    assert "hit rate" not in out
+
+
+def test_run_takes_a_shipped_models_short_name(capsys):
+    assert main(["run", "--model", "tiny_qwen2_moe", "--budget", "50%", "--max-new-tokens", "2",
+                 "--prompt", "import os", "--predictor", "none"]) == 0
+    out = capsys.readouterr().out
+    same = [ln.split()[-1] for ln in out.splitlines() if ln.strip().startswith("same tokens as fully resident")]
+    assert "expertflow run: tiny_qwen2_moe" in out and same == ["True"]
+    assert main(["run", "--model", "tiny_nothing"]) == 2
+    assert "neither a shipped model (tiny_mixtral, tiny_qwen2_moe)" in capsys.readouterr().err
 
 
 def test_run_non_moe_model_is_one_line_exit_2(tmp_path):
