@@ -195,7 +195,7 @@ def map_trace(trace, shape: ModelShape):
 
 
 def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[float],
-             predictors=("none", "lookahead"), batch: int = 1, max_tokens: int | None = 256,
+             predictors=("none", "predictive", "lookahead"), batch: int = 1, max_tokens: int | None = 256,
              progress: bool = True, min_confidence: float = 0.8) -> list[dict]:
     """Projected tokens/s and memory per (budget, predictor) for ``shape`` on ``profile``
     (a tqdm bar over the cache replays unless ``progress=False``)."""
@@ -234,6 +234,8 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                 per_call = _min_per_call(calls, slots)
             elif pred == "none":
                 res = replay(mapped, calls, slots, "lru", "none", per_call=per_call)
+            elif pred == "predictive":    # the predictive policy's own estimates, no prefetch
+                res = replay(mapped, calls, slots, "predictive", "none", per_call=per_call)
             else:
                 if pred not in preds_of:   # the same predictions at every budget
                     cands = candidate_sets(mapped, pred, extra=per_extra(shape))
@@ -249,7 +251,7 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                 stall += wait
             t += dense_extra_s
             mem = (shape.dense_bytes + slots * eb) / 2**30
-            name = {"none": "lru", "min": "MIN (bound)"}.get(pred, f"predictive+{pred}")
+            name = {"none": "lru", "min": "MIN (bound)", "predictive": "predictive"}.get(pred, f"predictive+{pred}")
             rows.append({"budget": f"{100 * share:g}%", "predictor": name,
                          "tokens_per_s": tokens / t, "device_GiB": mem, "ready_rate": res.ready_rate,
                          "resident_rate": res.resident_rate, "loads_per_token": res.loads_per_token,
