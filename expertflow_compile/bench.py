@@ -162,7 +162,12 @@ def run_bench(path: str, budgets, modes=MODES, new_tokens: int = 16, prompts=DEF
             r["ratio_to_resident"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["same_tokens_as_resident"] = r["outputs"] == base["outputs"]
     if base is not None and bound:
-        rows.extend(bound_rows(path, base["outputs"], budgets))
+        extra = bound_rows(path, base["outputs"], budgets)
+        for r in extra:   # the bound on time per token: compute, or MIN's bytes over the link
+            transfer = r["loads_per_token"] * r["expert_bytes"] / link_bandwidth if link_bandwidth else 0.0
+            r["bound_seconds_per_token"] = max(1.0 / base["tokens_per_s"], transfer)
+            r["bound_transfer_seconds_per_token"] = transfer
+        rows.extend(extra)
     return rows
 
 
@@ -179,19 +184,21 @@ def bound_rows(path: str, sequences: list[list[int]], budgets) -> list[dict]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     trace = record_routing(model, [torch.tensor(s).unsqueeze(0) for s in sequences], progress=False)
     calls = layer_calls(trace, batch=1)
+    expert_bytes = _expert_bytes(model) // max(1, sum(trace.num_experts[l] for l in trace.layers))
     out = []
     for b in budgets:
         if not str(b).endswith("%"):
             continue
         m = belady_min(calls, slots_for_share(trace, float(b.rstrip("%")) / 100))
         out.append({"mode": "bound-MIN", "budget": b, "resident_rate": m.resident_rate, "ready_rate": m.ready_rate,
+                    "expert_bytes": expert_bytes,
                     "loads_per_token": m.loads_per_token, "replay": True})
     return out
 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'mode':<15}{'budget':>8}{'tokens/s':>10}{'x resident':>12}{'expert MiB':>12}{'resident':>10}"
-            f"{'ready':>8}{'loads/tok':>10}{'/MIN':>6}{'KiB/tok':>10}{'stall':>8}{'same':>7}")
+            f"{'ready':>8}{'loads/tok':>10}{'/MIN':>6}{'KiB/tok':>10}{'stall':>8}{'stall s/tok':>12}{'same':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -199,7 +206,10 @@ def format_table(rows: list[dict]) -> str:
             continue
         if r.get("replay"):
             lines.append(f"{r['mode']:<15}{r['budget']:>8}{'-':>10}{'-':>12}{'-':>12}{r['resident_rate']:>10.3f}"
-                         f"{r['ready_rate']:>8.3f}{r['loads_per_token']:>10.2f}{'x1.00':>6}   (replay of the resident run)")
+                         f"{r['ready_rate']:>8.3f}{r['loads_per_token']:>10.2f}{'x1.00':>6}   (replay of the resident run"
+                         + (f"; bound {r['bound_seconds_per_token']:.4f} s/token = max(compute, MIN loads x expert "
+                            f"bytes / bandwidth = {r['bound_transfer_seconds_per_token']:.4f})"
+                            if r.get("bound_transfer_seconds_per_token") else "") + ")")
             continue
 
         def opt(key, fmt):
@@ -211,7 +221,8 @@ def format_table(rows: list[dict]) -> str:
             f"{opt('loads_per_token', '.2f'):>10}"
             f"{('x' + format(r['loads_over_min'], '.2f')) if r.get('loads_over_min') else '-':>6}"
             f"{(format(r['bytes_moved_per_token'] / 1024, '.0f') if 'bytes_moved_per_token' in r else '-'):>10}"
-            f"{opt('stall_share', '.2f'):>8}{str(r.get('same_tokens_as_resident', '-')):>7}")
+            f"{opt('stall_share', '.2f'):>8}{opt('stall_per_token', '.4f'):>12}"
+            f"{str(r.get('same_tokens_as_resident', '-')):>7}")
     return "\n".join(lines)
 
 
