@@ -187,8 +187,8 @@ def _shipped_or(path: str | None) -> str:
     if path in SHIPPED_MODELS and not os.path.isdir(path):
         return shipped_model_path(path)
     if not os.path.isdir(path):
-        raise CLIError(f"--model {path!r}: neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor a "
-                       "model directory")
+        raise CLIError(f"--model {path!r}: model path is not a directory, nor a shipped model's name "
+                       f"({', '.join(SHIPPED_MODELS)})")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CLIError(f"--model {path!r} has no config.json: not a Hugging Face checkpoint")
     return path
@@ -505,13 +505,16 @@ def _simulate_budgets(text: str) -> list[float]:
     return out
 
 
-def _routing_source(args, trace) -> str:
+def _routing_source(args, trace, shape) -> str:
     """What routing the projection replays, for its assumptions."""
     if not args.trace:
         name = trace.meta.get("shipped_model", "tiny_mixtral")
-        return (f"routing: the shipped {name}'s routing ({max(trace.num_experts.values())} experts, "
+        e_src = max(trace.num_experts.values())
+        unused = shape.num_experts - (shape.num_experts // e_src) * e_src
+        spare = f"; {unused} of the {shape.num_experts} experts are never routed to" if unused else ""
+        return (f"routing: the shipped {name}'s routing ({e_src} experts, "
                 f"top-{max(trace.top_k.values())}) recorded on {trace.num_tokens} held-out tokens, mapped onto "
-                "this shape (see `expertflow_compile/simulate.py`)")
+                f"this shape{spare} (see `expertflow_compile/simulate.py`)")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -567,7 +570,7 @@ def cmd_simulate(args) -> int:
               f"{r['device_GiB']:>11.1f}{str(r['fits']):>6}{r['resident_rate']:>9.3f}{r['ready_rate']:>7.3f}"
               f"{r['loads_per_token']:>10.2f}"
               f"{('x%.2f' % r['loads_over_min']) if r.get('loads_over_min') else '-':>7}{r['stall_share']:>7.2f}")
-    notes = sim.assumptions(shape, profile, _routing_source(args, trace))
+    notes = sim.assumptions(shape, profile, _routing_source(args, trace, shape))
     print("assumptions:")
     for a in notes:
         print(f"  - {a}")

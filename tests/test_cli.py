@@ -53,7 +53,7 @@ def test_run_takes_a_shipped_models_short_name(capsys):
     same = [ln.split()[-1] for ln in out.splitlines() if ln.strip().startswith("same tokens as fully resident")]
     assert "expertflow run: tiny_qwen2_moe" in out and same == ["True"]
     assert main(["run", "--model", "tiny_nothing"]) == 2
-    assert "neither a shipped model (tiny_mixtral, tiny_qwen2_moe)" in capsys.readouterr().err
+    assert "nor a shipped model's name (tiny_mixtral, tiny_qwen2_moe)" in capsys.readouterr().err
 
 
 def test_run_non_moe_model_is_one_line_exit_2(tmp_path):
