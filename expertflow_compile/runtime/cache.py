@@ -1357,8 +1357,15 @@ class ExpertCache:
         retries the items one by one so that only the failing ones fail. A queued miss
         (``slot.demand``) counts as a demand load, a prefetch as a speculative one."""
         if self._read_many is None or len(batch) < 2:
+            done: dict[int, list[int]] = {}          # layer -> [demand, all]: counted once per batch
             for item in batch:
-                self._worker_load(item)
+                demand = self._worker_load(item)
+                if demand is not None:
+                    acc = done.setdefault(item[1][0], [0, 0])
+                    acc[0] += demand
+                    acc[1] += 1
+            for layer, (demand, n) in done.items():
+                self._count_worker_loads(layer, demand, n)
             return
         me = threading.current_thread()
         with self._lock:
@@ -1409,16 +1416,18 @@ class ExpertCache:
         self._loading += 1
         return True
 
-    def _worker_load(self, item) -> bool:
+    def _worker_load(self, item) -> int | None:
+        """Take and read one queued item; None: nothing loaded, else 1 for a demand load
+        (a queued miss), 0 for a prefetch (the caller counts it)."""
         slot, key, load_id = item
         with self._lock:
             if not self._worker_take(slot, key, load_id, threading.current_thread()):
-                return False
+                return None
             demand = slot.demand
-        return self._worker_read(slot, key, demand)
+        return int(demand) if self._worker_read(slot, key, demand, count=False) else None
 
-    def _worker_read(self, slot: _Slot, key, demand: bool) -> bool:
-        """Read a slot the worker took; True when it loaded (counted)."""
+    def _worker_read(self, slot: _Slot, key, demand: bool, count: bool = True) -> bool:
+        """Read a slot the worker took; True when it loaded (counted unless ``count=False``)."""
         try:
             self._load(slot, key[0], key[1], background=True)
         except BaseException as exc:
@@ -1427,7 +1436,8 @@ class ExpertCache:
         with self._lock:
             self._loading -= 1
             self._set_ready(slot)
-        self._count_worker_loads(key[0], int(demand), 1)
+        if count:
+            self._count_worker_loads(key[0], int(demand), 1)
         return True
 
     def _worker_failed(self, slot: _Slot, key, exc: BaseException) -> None:
