@@ -88,7 +88,7 @@ LAYER_COUNTERS = (
     "prefetch_wasted", "demand_loads", "prefetch_loads", "wasted_loads", "bytes_moved",
 )
 _LAYER_COUNTERS = LAYER_COUNTERS
-ROUTING_LIMIT = 200_000
+ROUTING_LIMIT = 100_000
 
 
 class RuntimeStats:
