@@ -236,7 +236,7 @@ def child(mode: str, path: str, tokens: int, budget: str, warmup: int) -> dict:
     out["rss_end"] = stages.rows[-1]["rss"]
     if mode == "expertflow":
         s = expertflow_compile.stats(model)
-        out["stats"] = {k: s[k] for k in ("budget_bytes", "peak_cache_bytes", "bytes_moved", "hit_rate",
+        out["stats"] = {k: s[k] for k in ("budget_bytes", "peak_cache_bytes", "bytes_moved", "resident_rate", "ready_rate",
                                           "demand_loads", "prefetch_loads")}
     return out
 
@@ -391,7 +391,7 @@ def main(argv=None):
         ("steady-state RSS - baseline (after timed generate)", _gib(b["steady_over_baseline"])),
         ("peak cache bytes", _gib(ours["stats"]["peak_cache_bytes"])),
         ("bytes moved from disk (warm-up + timed)", _gib(ours["stats"]["bytes_moved"])),
-        ("hit rate", f"{ours['stats']['hit_rate']:.3f}"),
+        ("resident rate", f"{ours['stats']['resident_rate']:.3f}"),
         (f"timed generate({args.tokens}) plain / expertflow / expertflow minimum",
          f"{plain['generate_s']:.1f} s / {ours['generate_s']:.1f} s / {low['generate_s']:.1f} s"),
         ("same greedy tokens (plain vs expertflow, both budgets)",

@@ -8,6 +8,7 @@ Modes (each in its own subprocess, 1 thread, compile excluded; see expertflow_co
   ef-lookahead     expertflow, experts on disk, LRU cache + lookahead prefetch
 
     python benchmarks/offload_speed.py                      # the shipped tiny model
+    python benchmarks/offload_speed.py --model tiny_qwen2_moe   # the shipped fine-grained model
     python benchmarks/offload_speed.py --size medium        # a 200 MiB-expert model built here
 """
 
@@ -48,14 +49,23 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["shipped", "medium"], default="shipped")
-    ap.add_argument("--model", default=None, help="a local Mixtral-style checkpoint (overrides --size)")
+    ap.add_argument("--model", default=None, help="a shipped model's name (tiny_mixtral, tiny_qwen2_moe) or a local "
+                    "checkpoint directory (overrides --size)")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--link-bandwidth", default=None, help='emulated host-device link, e.g. "1GB/s"')
     ap.add_argument("--workdir", default="/tmp/expertflow-bench")
-    ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "offload_speed.json"))
+    ap.add_argument("--json", default=None, help="default benchmarks/results/offload_speed[_MODEL].json")
     args = ap.parse_args()
-    path = args.model or (SHIPPED if args.size == "shipped" else _medium_checkpoint(args.workdir))
+    from expertflow_compile.assets import SHIPPED_MODELS, shipped_model_path
+
+    if args.model in SHIPPED_MODELS and not os.path.isdir(args.model):
+        path = shipped_model_path(args.model)
+    else:
+        path = args.model or (SHIPPED if args.size == "shipped" else _medium_checkpoint(args.workdir))
+    if args.json is None:
+        suffix = f"_{args.model}" if args.model in SHIPPED_MODELS and args.model != "tiny_mixtral" else ""
+        args.json = os.path.join(ROOT, "benchmarks", "results", f"offload_speed{suffix}.json")
     bw = bench.parse_bandwidth(args.link_bandwidth)
     rows = bench.run_bench(path, [args.budget], bench.MODES, args.new_tokens, link_bandwidth=bw)
     print(f"model {path}, budget {args.budget}, {len(bench.DEFAULT_PROMPTS)} prompts x {args.new_tokens} new "

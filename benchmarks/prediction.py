@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Expert prediction and cache policies on the shipped tiny Mixtral (issue 4).
+"""Expert prediction and cache policies on a shipped model (issues 4, 14, 15).
 
 1. Record the routing of TRAINING documents (python3.11-doc minus the held-out split of
    scripts/prepare_corpus.py) and train the path predictor on it.
@@ -7,12 +7,17 @@
 3. On the held-out trace: per-layer precision / recall of the lookahead and path
    predictors, and a cache replay (the real ExpertCache policy code, slots shared by all
    layers) of LRU, LFU, predictive+lookahead, predictive+path, predictive+oracle and
-   Belady's MIN at 12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8.
+   Belady's MIN at 12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8, side by
+   side: loads / MIN, ready rate, resident rate, loads per token (definitions:
+   expertflow_compile/runtime/stats.py). Predictions are prefetched when their confidence
+   (the measured precision of their rank) is >= --min-confidence; prefetches never evict an
+   expert predicted to be needed no later (do no harm).
 
-Writes benchmarks/results/prediction.json and prediction.png. Intermediate files
-(traces, predictor) go to --work (reused when present).
+Writes benchmarks/results/prediction[_MODEL].json and .png. Intermediate files (traces,
+predictor) go to --work (reused when present). --no-path skips training the path predictor.
 
-    python benchmarks/prediction.py [--work /tmp/efp] [--train-tokens 102400] [--max-tokens 8192]
+    python benchmarks/prediction.py [--model tiny_qwen2_moe] [--work /tmp/efp] [--train-tokens 102400]
+                                    [--max-tokens 8192] [--no-path] [--min-confidence 0.8]
 """
 
 from __future__ import annotations
@@ -31,58 +36,67 @@ sys.path.insert(0, os.path.dirname(HERE))
 def main(argv=None) -> int:
     import torch
 
-    from expertflow_compile.cli import SHIPPED_MODEL, _load_checkpoint
+    from expertflow_compile.assets import DEFAULT_MODEL, HELDOUT_TEXT, SHIPPED_MODELS, shipped_model_path
+    from expertflow_compile.cli import _load_checkpoint
     from expertflow_compile.cli_predict import (DOC_SEPARATOR, evaluate, format_tables, text_batches,
                                                 training_documents)
     from expertflow_compile.runtime.predictors import PathPredictor, train_path_predictor
     from expertflow_compile.runtime.trace import RoutingTrace, record_routing
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/efp")
+    ap.add_argument("--model", default=DEFAULT_MODEL, choices=list(SHIPPED_MODELS), help="a shipped model")
+    ap.add_argument("--work", default=None, help="default /tmp/efp (tiny_mixtral) or /tmp/efp_MODEL")
+    ap.add_argument("--no-path", action="store_true", help="skip the path predictor (its training takes minutes)")
+    ap.add_argument("--min-confidence", type=float, default=0.8)
     ap.add_argument("--train-tokens", type=int, default=102400)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens replayed per mode")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.work is None:
+        args.work = "/tmp/efp" if args.model == DEFAULT_MODEL else f"/tmp/efp_{args.model}"
+    suffix = "" if args.model == DEFAULT_MODEL else f"_{args.model}"
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    model, tok = _load_checkpoint(SHIPPED_MODEL)
+    model, tok = _load_checkpoint(shipped_model_path(args.model))
     t0 = time.perf_counter()
 
     train_trace_path = os.path.join(args.work, "train_trace.safetensors")
-    if not os.path.exists(train_trace_path):
+    if not args.no_path and not os.path.exists(train_trace_path):
         docs = training_documents()
         docs.sort(key=lambda t: hashlib.sha256(t.encode()).hexdigest())   # mix doc kinds, deterministic
         batches = text_batches(tok, DOC_SEPARATOR.join(docs), max_tokens=args.train_tokens)
         record_routing(model, batches).save(train_trace_path)
     pred_path = os.path.join(args.work, "path.safetensors")
-    if not os.path.exists(pred_path):
+    if not args.no_path and not os.path.exists(pred_path):
         trace = RoutingTrace.load(train_trace_path, model=model)
         train_path_predictor(trace, model, epochs=args.epochs).save(pred_path)
     heldout_path = os.path.join(args.work, "heldout_trace.safetensors")
     if not os.path.exists(heldout_path):
-        text = open(os.path.join(os.path.dirname(SHIPPED_MODEL), "heldout.txt"), encoding="utf-8").read()
+        text = open(HELDOUT_TEXT, encoding="utf-8").read()
         record_routing(model, text_batches(tok, text)).save(heldout_path)
 
     heldout = RoutingTrace.load(heldout_path, model=model)
-    pred = PathPredictor.load(pred_path, model=model)
-    result = evaluate(heldout, pred, model, max_tokens=args.max_tokens)
-    result["predictor_training"] = pred.metrics
+    pred = None if args.no_path else PathPredictor.load(pred_path, model=model)
+    result = evaluate(heldout, pred, model, max_tokens=args.max_tokens, min_confidence=args.min_confidence)
+    result["predictor_training"] = None if pred is None else pred.metrics
     result["setup"] = {
-        "model": "expertflow_compile/assets/tiny_mixtral (6 MoE layers x 8 experts, top-2)",
-        "train_trace_tokens": RoutingTrace.load(train_trace_path).num_tokens,
+        "model": f"expertflow_compile/assets/{args.model}",
+        "train_trace_tokens": None if args.no_path else RoutingTrace.load(train_trace_path).num_tokens,
         "heldout_trace_tokens": heldout.num_tokens,
         "replayed_tokens_per_mode": args.max_tokens,
-        "prefetch_model": "prefetches complete before the layer's experts are acquired (synchronous worker)",
+        "prefetch_model": "prefetches complete before the layer's experts are acquired (unlimited link: the "
+                          "ready rate is an upper bound; expertflow bench --link-bandwidth measures timing)",
         "seconds": round(time.perf_counter() - t0, 1),
     }
     table = format_tables(result)
     print(table)
-    with open(os.path.join(args.out, "prediction.json"), "w") as f:
+    with open(os.path.join(args.out, f"prediction{suffix}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    _plot(result, os.path.join(args.out, "prediction.png"))
-    print(f"wrote {args.out}/prediction.json and prediction.png")
+    _plot(result, os.path.join(args.out, f"prediction{suffix}.png"))
+    print(f"wrote {args.out}/prediction{suffix}.json and prediction{suffix}.png")
     return 0
 
 

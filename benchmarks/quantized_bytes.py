@@ -17,7 +17,7 @@ one thread: ``expertflow_compile.from_pretrained`` (bf16 compute), ``expert_budg
 load shrink) or the bf16 checkpoint's 25% in bytes (the same memory: the compressed
 experts fit 2x / 3.8x as many slots, so fewer loads too), a 4-token prefill, then
 ``--tokens`` decode steps. Reported: bytes per expert, KiB moved per decode token, loads per
-token, hit rate; and, once per quantized checkpoint, the first logits against
+token, resident rate; and, once per quantized checkpoint, the first logits against
 transformers' own (CPU-dequantized) load of it.
 
     python benchmarks/quantized_bytes.py                 # writes benchmarks/results/quantized_bytes.json
@@ -113,7 +113,7 @@ def child(path: str, budget: str, tokens: int, check: bool) -> dict:
             cache = res.past_key_values
     s = ef.stats(model)
     out.update(budget_bytes=s["budget_bytes"], bytes_moved=s["bytes_moved"], loads=s["loads"],
-               hit_rate=s["hit_rate"], tokens=tokens, kib_per_token=s["bytes_moved"] / tokens / 1024,
+               resident_rate=s["resident_rate"], tokens=tokens, kib_per_token=s["bytes_moved"] / tokens / 1024,
                loads_per_token=s["loads"] / tokens)
     return out
 
@@ -160,12 +160,12 @@ def main(argv=None) -> int:
                          (f"{kind}, bf16's 25% in bytes", same_bytes)):
             rows.append(dict(model=kind, setting=label, **r))
     print(f"\n{'model':6} {'setting':30} {'B/expert':>9} {'x bf16':>7} {'budget':>10} {'KiB/token':>10} "
-          f"{'loads/tok':>9} {'hit rate':>8}")
+          f"{'loads/tok':>9} {'resident':>8}")
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["setting"] == "bf16")
         print(f"{r['model']:6} {r['setting']:30} {r['expert_bytes']:9d} {base['expert_bytes'] / r['expert_bytes']:7.2f} "
               f"{r['budget_bytes'] / 2**20:8.2f}Mi {r['kib_per_token']:10.1f} {r['loads_per_token']:9.2f} "
-              f"{r['hit_rate']:8.3f}")
+              f"{r['resident_rate']:8.3f}")
     for r in rows:
         if "fp32_max_abs_diff_vs_transformers" in r:
             print(f"{r['model']}: fp32 logits vs transformers' load of the same checkpoint: max |diff| "

@@ -133,7 +133,7 @@ def run_setting(base, name: str, budget: str | None, policy: str, predictor: str
            "cpu_ms": 1e3 * statistics.median(c for _, c in segs), "segments": segs}
     if name != "hf-resident":
         s = ef.stats(model)
-        row.update(uses=s["uses"], loads=s["loads"], hit_rate=s["hit_rate"], ready_rate=s["ready_rate"],
+        row.update(uses=s["uses"], loads=s["loads"], resident_rate=s["resident_rate"], ready_rate=s["ready_rate"],
                    loads_per_use=s["loads"] / s["uses"] if s["uses"] else 0.0)
     del model
     torch._dynamo.reset()
@@ -204,11 +204,11 @@ def cache_rows(repeats: int = 5) -> list[dict]:
 
 def format_tables(rows: list[dict], crows: list[dict]) -> str:
     lines = ["| shape | budget | setting | ms/token wall | ms/token CPU | x hf-resident (wall / CPU) | "
-             "x ef-resident (wall / CPU) | loads/use | hit rate | logits vs ef-resident |",
+             "x ef-resident (wall / CPU) | loads/use | resident rate | logits vs ef-resident |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loads = f"{r['loads_per_use']:.2f}" if "loads_per_use" in r else "-"
-        hit = f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-"
+        hit = f"{r['resident_rate']:.2f}" if "resident_rate" in r else "-"
         same = "-" if "max_abs_diff" not in r else ("equal" if r["max_abs_diff"] == 0 else
                                                     f"max diff {r['max_abs_diff']:.1e}")
         lines.append(f"| {SHAPE_NAMES[r['shape']]} | {r['budget']} | {r['setting']} | {r['wall_ms']:.1f} | "

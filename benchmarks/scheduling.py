@@ -6,7 +6,7 @@ trained on), for each budget and schedule:
 
 * distinct experts per MoE layer per decode step (the quantity grouping decides);
 * loads (every transfer into the expert cache: demand and prefetch) and KiB moved per
-  generated token, over the whole generation (prefill included), and the hit rate;
+  generated token, over the whole generation (prefill included), and the resident rate;
 * decode tokens/s and the scheduling overhead against one decode step.
 
 Schedules: ``arrival`` (prompts batched in order, ``generate``), ``routing`` (batches formed
@@ -94,7 +94,7 @@ def run_schedule(model, prompts, batch_size: int, schedule: str, pool: int, new_
         "distinct_experts_per_layer_per_decode_step": sum(distinct) / max(len(distinct), 1),
         "decode_routing_records": len(distinct),
         "loads_per_token": s["loads"] / n_tokens, "bytes_moved_per_token": s["bytes_moved"] / n_tokens,
-        "hit_rate": s["hit_rate"], "tokens_per_s": n_tokens / seconds, "seconds": seconds,
+        "resident_rate": s["resident_rate"], "tokens_per_s": n_tokens / seconds, "seconds": seconds,
         "step_ms": 1000 * seconds / steps, "schedule_ms": 1000 * t_sched, "signature_ms": 1000 * t_sig,
         "form_batches_ms": 1000 * t_form, "kv_regroup_ms": 1000 * kv_s,
     }
@@ -132,12 +132,12 @@ def in_layer_ordering(path: str, prompts, new_tokens: int, link: str) -> list[di
 
 def print_table(results: list[dict], num_experts: int) -> None:
     head = (f"{'budget':>7} {'schedule':<19}{f'distinct/layer/step (of {num_experts})':>30}{'loads/tok':>10}"
-            f"{'KiB/tok':>9}{'hit rate':>9}{'tokens/s':>9}{'sched ms':>9}{'kv ms':>8}{'step ms':>8}")
+            f"{'KiB/tok':>9}{'resident':>9}{'tokens/s':>9}{'sched ms':>9}{'kv ms':>8}{'step ms':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
         print(f"{r['budget']:>7} {r['schedule']:<19}{r['distinct_experts_per_layer_per_decode_step']:>30.2f}"
-              f"{r['loads_per_token']:>10.2f}{r['bytes_moved_per_token'] / 1024:>9.0f}{r['hit_rate']:>9.3f}"
+              f"{r['loads_per_token']:>10.2f}{r['bytes_moved_per_token'] / 1024:>9.0f}{r['resident_rate']:>9.3f}"
               f"{r['tokens_per_s']:>9.2f}{r['schedule_ms']:>9.1f}{r['kv_regroup_ms']:>8.1f}{r['step_ms']:>8.1f}")
     for budget in dict.fromkeys(r["budget"] for r in results):
         rows = [r for r in results if r["budget"] == budget]

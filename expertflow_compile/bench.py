@@ -24,7 +24,7 @@ from .runtime.store import ExpertStore
 
 __all__ = ["MODES", "ThrottledStore", "run_mode", "run_bench", "format_table", "plot"]
 
-MODES = ("hf-resident", "hf-accelerate", "ef-lru", "ef-lookahead")
+MODES = ("hf-resident", "hf-accelerate", "ef-lru", "ef-lookahead", "ef-predictive-lookahead")
 DEFAULT_PROMPTS = ("The Python standard library", "def main():", "import os", "Exceptions are raised")
 
 
@@ -97,8 +97,11 @@ def run_mode(mode: str, path: str, budget: str, new_tokens: int, prompts=DEFAULT
             p.numel() * p.element_size() for n, p in model.named_parameters()
             if p.dim() == 3 and "experts" in n and p.device.type == "cpu")
     elif mode.startswith("ef-"):
-        predictor = mode[3:] if mode != "ef-lru" else "none"
-        options = {"expert_budget": budget, "predictor": predictor}
+        # ef-lru: no prediction; ef-NAME: LRU + predictor NAME; ef-predictive-NAME: the predictive policy
+        policy, predictor = "lru", (mode[3:] if mode != "ef-lru" else "none")
+        if predictor.startswith("predictive-"):
+            policy, predictor = "predictive", predictor[len("predictive-"):]
+        options = {"expert_budget": budget, "predictor": predictor, "policy": policy}
         if predictor in ("path", "oracle"):
             options["predictor_path"] = predictor_path
         model = ef.from_pretrained(path, dtype=torch.float32)
@@ -126,8 +129,10 @@ def run_mode(mode: str, path: str, budget: str, new_tokens: int, prompts=DEFAULT
                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if mode.startswith("ef-"):
         s = ef.stats(model)
-        info.update(expert_bytes_resident=s["peak_cache_bytes"], hit_rate=s["hit_rate"],
-                    ready_rate=s["ready_rate"], bytes_moved_per_token=s["bytes_moved"] / n_tokens,
+        info.update(expert_bytes_resident=s["peak_cache_bytes"], resident_rate=s["resident_rate"],
+                    ready_rate=s["ready_rate"], min_loads=s["min_loads"], loads_over_min=s["loads_over_min"],
+                    wasted_loads=s["wasted_loads"], stall_seconds=s["stall_seconds"],
+                    stall_per_token=s["stall_seconds"] / n_tokens, bytes_moved_per_token=s["bytes_moved"] / n_tokens,
                     stall_share=s["stall_seconds"] / dt, predictor_recall=s["predictor_recall"],
                     loads_per_token=s["loads"] / n_tokens)
     return info
@@ -157,14 +162,19 @@ def run_bench(path: str, budgets, modes=MODES, new_tokens: int = 16, prompts=DEF
             r["ratio_to_resident"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["same_tokens_as_resident"] = r["outputs"] == base["outputs"]
     if base is not None and bound:
-        rows.extend(bound_rows(path, base["outputs"], budgets))
+        extra = bound_rows(path, base["outputs"], budgets)
+        for r in extra:   # the bound on time per token: compute, or MIN's bytes over the link
+            transfer = r["loads_per_token"] * r["expert_bytes"] / link_bandwidth if link_bandwidth else 0.0
+            r["bound_seconds_per_token"] = max(1.0 / base["tokens_per_s"], transfer)
+            r["bound_transfer_seconds_per_token"] = transfer
+        rows.extend(extra)
     return rows
 
 
 def bound_rows(path: str, sequences: list[list[int]], budgets) -> list[dict]:
     """Belady's MIN on the routing of the resident run's token sequences (every token as a
     decode step, slots shared by all layers): the fewest loads any policy can make and the
-    hit rate that goes with them. Prefetching (oracle) can reach a ready rate of 1.0 at the
+    resident rate that goes with them. Prefetching (oracle) can reach a ready rate of 1.0 at the
     price of more loads; see benchmarks/prediction.py for that trade-off."""
     from transformers import AutoModelForCausalLM
 
@@ -174,27 +184,32 @@ def bound_rows(path: str, sequences: list[list[int]], budgets) -> list[dict]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     trace = record_routing(model, [torch.tensor(s).unsqueeze(0) for s in sequences], progress=False)
     calls = layer_calls(trace, batch=1)
+    expert_bytes = _expert_bytes(model) // max(1, sum(trace.num_experts[l] for l in trace.layers))
     out = []
     for b in budgets:
         if not str(b).endswith("%"):
             continue
         m = belady_min(calls, slots_for_share(trace, float(b.rstrip("%")) / 100))
-        out.append({"mode": "bound-MIN", "budget": b, "hit_rate": m.ready_rate, "ready_rate": m.ready_rate,
+        out.append({"mode": "bound-MIN", "budget": b, "resident_rate": m.resident_rate, "ready_rate": m.ready_rate,
+                    "expert_bytes": expert_bytes,
                     "loads_per_token": m.loads_per_token, "replay": True})
     return out
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'mode':<15}{'budget':>8}{'tokens/s':>10}{'x resident':>12}{'expert MiB':>12}{'hit rate':>10}"
-            f"{'ready':>8}{'KiB/tok':>10}{'stall':>8}{'same':>7}")
+    head = (f"{'mode':<15}{'budget':>8}{'tokens/s':>10}{'x resident':>12}{'expert MiB':>12}{'resident':>10}"
+            f"{'ready':>8}{'loads/tok':>10}{'/MIN':>6}{'KiB/tok':>10}{'stall':>8}{'stall s/tok':>12}{'same':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['mode']:<15}{r['budget']:>8}  failed: {r['error']}")
             continue
         if r.get("replay"):
-            lines.append(f"{r['mode']:<15}{r['budget']:>8}{'-':>10}{'-':>12}{'-':>12}{r['hit_rate']:>10.3f}"
-                         f"{r['ready_rate']:>8.3f}{'(replay: ' + format(r['loads_per_token'], '.2f') + ' loads/tok)':>33}")
+            lines.append(f"{r['mode']:<15}{r['budget']:>8}{'-':>10}{'-':>12}{'-':>12}{r['resident_rate']:>10.3f}"
+                         f"{r['ready_rate']:>8.3f}{r['loads_per_token']:>10.2f}{'x1.00':>6}   (replay of the resident run"
+                         + (f"; bound {r['bound_seconds_per_token']:.4f} s/token = max(compute, MIN loads x expert "
+                            f"bytes / bandwidth = {r['bound_transfer_seconds_per_token']:.4f})"
+                            if r.get("bound_transfer_seconds_per_token") else "") + ")")
             continue
 
         def opt(key, fmt):
@@ -202,14 +217,17 @@ def format_table(rows: list[dict]) -> str:
 
         lines.append(
             f"{r['mode']:<15}{r['budget']:>8}{r['tokens_per_s']:>10.2f}{opt('ratio_to_resident', '.3f'):>12}"
-            f"{r['expert_bytes_resident'] / 2**20:>12.2f}{opt('hit_rate', '.3f'):>10}{opt('ready_rate', '.3f'):>8}"
+            f"{r['expert_bytes_resident'] / 2**20:>12.2f}{opt('resident_rate', '.3f'):>10}{opt('ready_rate', '.3f'):>8}"
+            f"{opt('loads_per_token', '.2f'):>10}"
+            f"{('x' + format(r['loads_over_min'], '.2f')) if r.get('loads_over_min') else '-':>6}"
             f"{(format(r['bytes_moved_per_token'] / 1024, '.0f') if 'bytes_moved_per_token' in r else '-'):>10}"
-            f"{opt('stall_share', '.2f'):>8}{str(r.get('same_tokens_as_resident', '-')):>7}")
+            f"{opt('stall_share', '.2f'):>8}{opt('stall_per_token', '.4f'):>12}"
+            f"{str(r.get('same_tokens_as_resident', '-')):>7}")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], png: str, title: str) -> str | None:
-    """Write the PNG (tokens/s and hit rate over budgets); returns None, or why there is no
+    """Write the PNG (tokens/s and resident rate over budgets); returns None, or why there is no
     PNG (matplotlib, in the ``bench`` extra, is optional: the table and JSON never need it)."""
     try:
         import matplotlib
@@ -229,14 +247,14 @@ def plot(rows: list[dict], png: str, title: str) -> str | None:
         xs = [p[0] for p in pts]
         if "tokens_per_s" in pts[0][1]:
             a1.plot(xs, [p[1]["tokens_per_s"] for p in pts], marker="o", label=mode)
-        if "hit_rate" in pts[0][1]:
-            a2.plot(xs, [p[1]["hit_rate"] for p in pts], marker="o", label=mode)
+        if "resident_rate" in pts[0][1]:
+            a2.plot(xs, [p[1]["resident_rate"] for p in pts], marker="o", label=mode)
     if base is not None:
         a1.axhline(base["tokens_per_s"], color="k", ls="--", label="hf-resident")
     a1.set_xlabel("expert budget (% of all experts)")
     a1.set_ylabel("decode tokens/s")
     a2.set_xlabel("expert budget (% of all experts)")
-    a2.set_ylabel("hit rate")
+    a2.set_ylabel("resident rate")
     a1.legend(fontsize=8)
     a2.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)

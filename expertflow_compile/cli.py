@@ -179,9 +179,16 @@ SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny_mixtral"
 
 
 def _shipped_or(path: str | None) -> str:
+    """``--model``: a shipped model's short name (``expertflow_compile.assets.SHIPPED_MODELS``),
+    a checkpoint directory, or None (the default shipped model)."""
+    from .assets import SHIPPED_MODELS, shipped_model_path
+
     path = path or SHIPPED_MODEL
+    if path in SHIPPED_MODELS and not os.path.isdir(path):
+        return shipped_model_path(path)
     if not os.path.isdir(path):
-        raise CLIError(f"--model {path!r}: model path is not a directory")
+        raise CLIError(f"--model {path!r}: model path is not a directory, nor a shipped model's name "
+                       f"({', '.join(SHIPPED_MODELS)})")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise CLIError(f"--model {path!r} has no config.json: not a Hugging Face checkpoint")
     return path
@@ -289,10 +296,19 @@ def _run_batched(args, path: str, options: dict) -> int:
           f"budget {args.budget}, policy {args.policy}")
     print(f"  same tokens as one-by-one fully resident  {same}")
     print(f"  batches                                   {res.batches}")
-    print(f"  hit rate                                  {s['hit_rate']:.3f}")
+    print(f"  resident rate / ready rate                {s['resident_rate']:.3f} / {s['ready_rate']:.3f}")
+    print(f"  loads (demand + speculative, wasted)      {s['demand_loads']} + {s['prefetch_loads']}, "
+          f"{s['wasted_loads']} wasted")
+    print(f"  MIN loads (Belady, same slots) / ratio    {_min_text(s)}")
     print(f"  bytes moved                               {s['bytes_moved'] / 2**20:.2f} MiB")
     print(f"  scheduling / generation time              {res.schedule_seconds:.2f} s / {res.generate_seconds:.2f} s")
     return 0
+
+
+def _min_text(s: dict) -> str:
+    if s.get("min_loads") is None:
+        return "- (no routing log)"
+    return f"{s['min_loads']} / x{s['loads_over_min']:.2f}" if s["min_loads"] else "0"
 
 
 def _budget_option(text: str):
@@ -351,13 +367,14 @@ def cmd_run(args) -> int:
         ("expert memory (budget / all experts)",
          f"{s['budget_bytes'] / 2**20:.2f} MiB / {total / 2**20:.2f} MiB ({100 * s['budget_bytes'] / max(total, 1):.0f}%)"),
         ("peak expert cache", f"{s['peak_cache_bytes'] / 2**20:.2f} MiB"),
-        ("hit rate", f"{s['hit_rate']:.3f}"),
-        ("ready rate", f"{s['ready_rate']:.3f}"),
+        ("resident rate / ready rate", f"{s['resident_rate']:.3f} / {s['ready_rate']:.3f} ({s['uses']} expert uses)"),
         ("predictor precision / recall",
          f"{s['predictor_precision']:.3f} / {s['predictor_recall']:.3f} ({args.predictor})"),
         ("prefetch precision (used / issued)",
          f"{s['prefetch_precision']:.3f} ({s['prefetch_used'] + s['prefetch_late']}/{s['prefetch_issued']})"),
-        ("loads (demand + prefetch)", f"{s['demand_loads']} + {s['prefetch_loads']}"),
+        ("loads (demand + speculative, wasted)",
+         f"{s['demand_loads']} + {s['prefetch_loads']} = {s['loads']}, {s['wasted_loads']} wasted"),
+        ("MIN loads (Belady, same slots) / ratio", _min_text(s)),
         ("bytes moved", f"{s['bytes_moved'] / 2**20:.2f} MiB ({s['bytes_moved'] / args.max_new_tokens / 2**10:.1f} KiB/token)"),
         ("stall time", f"{s['stall_seconds']:.3f} s"),
         ("tokens/s (expertflow / resident)",
@@ -446,16 +463,18 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _heldout_trace(tokens: int):
-    """Record the shipped model's routing on held-out text (never trained on)."""
+def _heldout_trace(tokens: int, name: str = "tiny_mixtral"):
+    """Record shipped model ``name``'s routing on held-out text (never trained on)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .assets import HELDOUT_TEXT, shipped_model_path
     from .runtime.trace import record_routing
 
-    tok = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    path = shipped_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
     tok.model_max_length = 10**9   # we cut the text into model-sized pieces ourselves
-    text = open(os.path.join(os.path.dirname(SHIPPED_MODEL), "heldout.txt"), encoding="utf-8").read()
+    text = open(HELDOUT_TEXT, encoding="utf-8").read()
     ids = tok(text, return_tensors="pt").input_ids[0]
     seq = 64
     n = max(1, tokens // seq)
@@ -463,8 +482,10 @@ def _heldout_trace(tokens: int):
         raise CLIError(f"--tokens {tokens}: the held-out text has only {ids.numel()} tokens")
     batches = [ids[i * seq:(i + 1) * seq].unsqueeze(0) for i in range(n)]
     with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32).eval()
-    return record_routing(model, batches, progress=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    trace = record_routing(model, batches, progress=True)
+    trace.meta["shipped_model"] = name
+    return trace
 
 
 def _simulate_budgets(text: str) -> list[float]:
@@ -484,11 +505,16 @@ def _simulate_budgets(text: str) -> list[float]:
     return out
 
 
-def _routing_source(args, trace) -> str:
+def _routing_source(args, trace, shape) -> str:
     """What routing the projection replays, for its assumptions."""
     if not args.trace:
-        return (f"routing: the shipped model's routing recorded on {trace.num_tokens} held-out tokens, mapped onto "
-                "this shape (see `expertflow_compile/simulate.py`)")
+        name = trace.meta.get("shipped_model", "tiny_mixtral")
+        e_src = max(trace.num_experts.values())
+        unused = shape.num_experts - (shape.num_experts // e_src) * e_src
+        spare = f"; {unused} of the {shape.num_experts} experts are never routed to" if unused else ""
+        return (f"routing: the shipped {name}'s routing ({e_src} experts, "
+                f"top-{max(trace.top_k.values())}) recorded on {trace.num_tokens} held-out tokens, mapped onto "
+                f"this shape{spare} (see `expertflow_compile/simulate.py`)")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -529,21 +555,22 @@ def cmd_simulate(args) -> int:
                        f"needs at once (its top-{shape.top_k} experts: >= {math.ceil(least * 10000) / 100:g}%)")
     if args.json:
         _output_file("--json", args.json)
-    trace = _load_trace("--trace", args.trace) if args.trace else _heldout_trace(args.tokens)
+    trace = _load_trace("--trace", args.trace) if args.trace else _heldout_trace(args.tokens, sim.trace_model_for(shape))
     profile = sim.PROFILES[args.hardware]
     rows = sim.simulate(trace, shape, profile, budgets, batch=args.batch, max_tokens=args.tokens)
     print(f"expertflow simulate: {shape.name} on {profile.name}, batch {args.batch} "
           f"(PROJECTION; assumptions below)")
     head = f"{'budget':>7} {'policy':<22}{'tokens/s':>10}{'x resident':>11}{'device GiB':>11}{'fits':>6}" \
-           f"{'ready':>7}{'loads/tok':>10}{'stall':>7}"
+           f"{'resident':>9}{'ready':>7}{'loads/tok':>10}{'/MIN':>7}{'stall':>7}"
     print(head)
     print("-" * len(head))
     base = rows[0]["tokens_per_s"]
     for r in rows:
         print(f"{r['budget']:>7} {r['predictor']:<22}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>11.3f}"
-              f"{r['device_GiB']:>11.1f}{str(r['fits']):>6}{r['ready_rate']:>7.3f}{r['loads_per_token']:>10.2f}"
-              f"{r['stall_share']:>7.2f}")
-    notes = [a for a in sim.assumptions(shape, profile) if not a.startswith("routing:")] + [_routing_source(args, trace)]
+              f"{r['device_GiB']:>11.1f}{str(r['fits']):>6}{r['resident_rate']:>9.3f}{r['ready_rate']:>7.3f}"
+              f"{r['loads_per_token']:>10.2f}"
+              f"{('x%.2f' % r['loads_over_min']) if r.get('loads_over_min') else '-':>7}{r['stall_share']:>7.2f}")
+    notes = sim.assumptions(shape, profile, _routing_source(args, trace, shape))
     print("assumptions:")
     for a in notes:
         print(f"  - {a}")
@@ -560,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="expertflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="generate under an expert budget and print cache statistics")
-    r.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
+    r.add_argument("--model", default=None, help="a shipped model's name (tiny_mixtral, tiny_qwen2_moe) or a local "
+                   "MoE checkpoint (default: the shipped tiny Mixtral)")
     r.add_argument("--budget", default="25%",
                    help='expert budget: "25%%", "2MiB", or an int n (n x MoE layers slots, shared by all layers)')
     r.add_argument("--policy", default="lru", choices=POLICIES, help="cache policy")
@@ -573,10 +601,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --prompts-file: group prompts by routing, or keep arrival order")
     r.set_defaults(func=cmd_run)
     b = sub.add_parser("bench", help="side-by-side decode benchmark: HF resident, accelerate, expertflow")
-    b.add_argument("--model", default=None, help="a local MoE checkpoint (default: the shipped tiny Mixtral)")
+    b.add_argument("--model", default=None, help="a shipped model's name (tiny_mixtral, tiny_qwen2_moe) or a local "
+                   "MoE checkpoint (default: the shipped tiny Mixtral)")
     b.add_argument("--budgets", default="12.5%,25%,50%", help="comma-separated expert budgets")
     b.add_argument("--modes", default=None, help="comma-separated, from hf-resident, hf-accelerate, ef-lru, "
-                   "ef-lookahead, ef-path, ef-oracle (default: the first four; hf-accelerate needs the bench extra)")
+                   "ef-lookahead, ef-predictive-lookahead, ef-path, ef-oracle (default: the first five; hf-accelerate "
+                   "needs the bench extra)")
     b.add_argument("--new-tokens", type=_positive_int, default=16)
     b.add_argument("--link-bandwidth", default=None, help='emulate a host-device link, e.g. "2GB/s"')
     b.add_argument("--predictor-path", default=None, help="for ef-path / ef-oracle modes")

@@ -100,15 +100,18 @@ def _check_seq_len(model, args) -> None:
 
 
 def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), batches=(1, 8),
-             max_tokens: int | None = 8192, extra: int = 1, progress: bool = True) -> dict:
+             max_tokens: int | None = 8192, extra: int = 1, progress: bool = True,
+             min_confidence: float = 0.8) -> dict:
     """Prediction quality and cache replay on a held-out ``trace`` (see the module docstring).
 
-    ``predictor``: a PathPredictor (needs ``model`` for the token embeddings) or None."""
+    ``predictor``: a PathPredictor (needs ``model`` for the token embeddings) or None.
+    Predictions are prefetched when their confidence (measured precision of their rank,
+    :func:`~expertflow_compile.runtime.replay.rank_precision`) is ``>= min_confidence``."""
     from tqdm import tqdm
 
     from .runtime.predictors import _embeddings, path_features, prediction_metrics
-    from .runtime.replay import (belady_min, bypass_bound, call_predictions, candidate_sets, layer_calls, replay,
-                                 slots_for_share)
+    from .runtime.replay import (belady_min, bypass_bound, call_predictions, candidate_sets, layer_calls,
+                                 rank_precision, replay, slots_for_share)
 
     layers = list(trace.layers)
     sources = {"lookahead": candidate_sets(trace, "lookahead", extra)} if trace.lookahead_ids else {}
@@ -118,7 +121,7 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
         feats = path_features(_embeddings(model, trace.token_ids), trace.seq_offsets, predictor.context)
         cand = predictor.candidates(feats, extra)
         sources["path"] = {l: cand[:, i] for i, l in enumerate(predictor.layers)}
-    sources["oracle"] = candidate_sets(trace, "oracle")
+    precision = {name: rank_precision(trace, cands) for name, cands in sources.items()}
     quality = {}
     for name in ("lookahead", "path"):
         if name in sources:
@@ -126,13 +129,14 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
             for l in layers:
                 p, r = prediction_metrics(sources[name][l], trace.ids[l])
                 quality[name][str(l)] = {"precision": p, "recall": r}
-    result = {"tokens_in_trace": trace.num_tokens, "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
+    result = {"tokens_in_trace": trace.num_tokens, "min_confidence": min_confidence, "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
               "prediction": quality, "replay": []}
     total = sum(trace.num_experts[l] for l in layers)
     jobs = []
     for b in batches:
         calls = layer_calls(trace, b, max_tokens)
-        preds = {name: call_predictions(trace, calls, cands) for name, cands in sources.items()}
+        preds = {name: call_predictions(trace, calls, cands, precision=precision[name]) for name, cands in sources.items()}
+        preds["oracle"] = None                 # replay's oracle: the true experts and true next uses
         for share in budgets:
             jobs.append((b, share, calls, preds))
     runs = [("lru", "none"), ("lfu", "none"), ("predictive", "lookahead"), ("predictive", "path"),
@@ -144,7 +148,7 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
         for policy, pred in runs:
             if pred != "none" and pred not in preds:
                 continue
-            r = replay(trace, calls, slots, policy, pred, predictions=preds.get(pred))
+            r = replay(trace, calls, slots, policy, pred, predictions=preds.get(pred), min_confidence=min_confidence)
             rows.append(r.as_dict())
             bar.update(1)
         m = belady_min(calls, slots).as_dict()
@@ -181,19 +185,21 @@ def format_tables(result: dict) -> str:
         budgets = sorted({r["budget"] for r in sub})
         tokens = sub[0]["tokens"]
         lines.append(f"Cache replay, {'decode (batch 1)' if b == 1 else f'batch {b}'}, {tokens} tokens: "
-                     "ready rate / loads per token")
+                     "loads / MIN, ready rate, resident rate (loads per token)")
         slots = {s: next(r for r in sub if r["budget"] == s)["slots"] for s in budgets}
-        head = "  " + "policy".ljust(22) + "".join(("%g%% (%d slots)" % (100 * s, slots[s])).rjust(22) for s in budgets)
+        head = "  " + "policy".ljust(22) + "".join(("%g%% (%d slots)" % (100 * s, slots[s])).rjust(30) for s in budgets)
         lines.append(head)
         for key, label in names.items():
             cells = []
             for s in budgets:
                 r = next((r for r in sub if r["budget"] == s and (r["policy"], r["predictor"]) == key), None)
-                cells.append(f"{'-':>22}" if r is None else f"{r['ready_rate']:.3f} / {r['loads_per_token']:.3f}".rjust(22))
+                cells.append(f"{'-':>30}" if r is None else
+                             (f"x{r['loads'] / max(r['min_loads'], 1):.2f} {r['ready_rate']:.3f} {r['resident_rate']:.3f}"
+                              f" ({r['loads_per_token']:.2f})").rjust(30))
             lines.append(f"  {label:<22}" + "".join(cells))
         mins = [next(r for r in sub if r["budget"] == s and r["policy"] == "min") for s in budgets]
         lines.append(f"  {'(bypass lower bound)':<22}" + "".join(
-            ("loads %.3f" % (m["bypass_bound_loads"] / m["tokens"])).rjust(22) for m in mins))
+            ("loads %.3f" % (m["bypass_bound_loads"] / m["tokens"])).rjust(30) for m in mins))
         lines.append("")
     return "\n".join(lines)
 
@@ -235,7 +241,11 @@ def cmd_train(args) -> int:
     pred = train_path_predictor(trace, model, epochs=args.epochs, context=args.context, width=args.width,
                                 lr=args.lr, progress=True)
     pred.save(args.out)
-    print(f"trained on {pred.metrics.get('train_tokens')} tokens in {time.perf_counter() - t0:.0f} s -> {args.out}")
+    m = pred.metrics
+    val = f", validated on {m['validation_tokens']} held-back tokens" if m.get("validation_tokens") else \
+        " (no validation split: the trace has one sequence)"
+    print(f"trained on {m.get('train_tokens', trace.num_tokens)} tokens{val} in {time.perf_counter() - t0:.0f} s "
+          f"-> {args.out}")
     return 0
 
 

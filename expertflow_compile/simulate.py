@@ -13,12 +13,19 @@ MoE layer call with a simple cost model for a hardware profile:
   not arrive in time, and every demand load, stalls the layer;
 * device memory = dense weights + the expert budget (KV cache not counted).
 
-Routing: the shipped model's recorded routing (real, trained), mapped onto the target
-shape: target layer j replays trace layer ``j mod L_trace``; with E_target = m x E_trace
-experts, trace expert e becomes the block [e*m, (e+1)*m) and each of its picks expands to
+Routing: a shipped model's recorded routing (real, trained), mapped onto the target
+shape - the fine-grained tiny_qwen2_moe (60 experts, top-4) for fine-grained targets
+(:func:`trace_model_for`: 32 or more experts, e.g. Qwen3-30B-A3B, DeepSeek-V3), the tiny
+Mixtral (8, top-2) otherwise: target layer j replays trace layer ``j mod L_trace``; with
+``m = E_target // E_trace``, trace expert e becomes the block [e*m, (e+1)*m) (the last
+``E_target - m * E_trace`` experts stay unused) and each of its picks expands to
 k_target/k_trace distinct experts of that block chosen by a hash of (token id, layer,
 rank): per-layer popularity and token-identity correlation of a trained router are
 kept, the target's own routing is not known. Lookahead candidates map the same way.
+
+Figures (definitions: :mod:`~expertflow_compile.runtime.stats`): resident rate, ready
+rate, loads per token and loads / MIN (Belady's MIN on the same mapped calls and slots)
+for every run, and a ``MIN (bound)`` row pricing MIN's loads as demand loads.
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HardwareProfile", "ModelShape", "PROFILES", "SHAPES", "shape_from_config", "map_trace", "simulate"]
+__all__ = ["HardwareProfile", "ModelShape", "PROFILES", "SHAPES", "shape_from_config", "map_trace", "simulate",
+           "trace_model_for", "assumptions"]
+
+FINE_GRAINED = 32          # targets with at least this many experts replay the fine-grained shipped model
+
+
+def trace_model_for(shape: "ModelShape") -> str:
+    """The shipped model whose routing a projection for ``shape`` replays."""
+    return "tiny_qwen2_moe" if shape.num_experts >= FINE_GRAINED else "tiny_mixtral"
 
 
 @dataclass(frozen=True)
@@ -158,10 +173,11 @@ def map_trace(trace, shape: ModelShape):
     src_layers = list(trace.layers)
     e_src = trace.num_experts[src_layers[0]]
     k_src = trace.top_k[src_layers[0]]
-    if shape.num_experts % e_src or shape.top_k % k_src or shape.num_experts < e_src:
+    m, per = shape.num_experts // max(e_src, 1), shape.top_k // k_src
+    if shape.top_k % k_src or shape.num_experts < e_src or per > m:
         raise ValueError(f"cannot map a trace of {e_src} experts / top-{k_src} onto {shape.num_experts} experts / "
-                         f"top-{shape.top_k} (needs integer multiples)")
-    m, per = shape.num_experts // e_src, shape.top_k // k_src
+                         f"top-{shape.top_k} (needs top-k a multiple of {k_src} and at least {e_src} experts, "
+                         f"{shape.top_k // k_src} per trace expert)")
     ids, la = {}, {}
     for j in range(shape.num_layers):
         src = src_layers[j % len(src_layers)]
@@ -179,13 +195,13 @@ def map_trace(trace, shape: ModelShape):
 
 
 def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[float],
-             predictors=("none", "lookahead"), batch: int = 1, max_tokens: int | None = 256,
-             progress: bool = True) -> list[dict]:
+             predictors=("none", "predictive", "lookahead"), batch: int = 1, max_tokens: int | None = 256,
+             progress: bool = True, min_confidence: float = 0.8) -> list[dict]:
     """Projected tokens/s and memory per (budget, predictor) for ``shape`` on ``profile``
     (a tqdm bar over the cache replays unless ``progress=False``)."""
     from tqdm import tqdm
 
-    from .runtime.replay import call_predictions, candidate_sets, layer_calls, replay
+    from .runtime.replay import belady_min, call_predictions, candidate_sets, layer_calls, rank_precision, replay
 
     mapped = map_trace(trace, shape)
     calls = layer_calls(mapped, batch=batch, max_tokens=max_tokens)
@@ -202,24 +218,31 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
         (shape.layer_dense_bytes() + 3 * shape.hidden * shape.dense_intermediate * shape.bytes_per_param) / bw_mem)
     rows = [{"budget": "100%", "predictor": "all resident", "tokens_per_s": tokens / (resident_s + dense_extra_s),
              "device_GiB": (shape.dense_bytes + shape.all_expert_bytes) / 2**30, "ready_rate": 1.0,
-             "loads_per_token": 0.0, "stall_share": 0.0,
+             "resident_rate": 1.0, "loads_per_token": 0.0, "loads_over_min": None, "stall_share": 0.0,
              "fits": (shape.dense_bytes + shape.all_expert_bytes) / 2**30 <= profile.device_GiB}]
     total_experts = shape.num_layers * shape.num_experts
-    bar = tqdm(total=len(budgets) * len(predictors), desc=f"simulating {shape.name}", unit="replay",
+    bar = tqdm(total=len(budgets) * (len(predictors) + 1), desc=f"simulating {shape.name}", unit="replay",
                disable=not progress)
     preds_of: dict = {}
     for share in budgets:
         slots = max(shape.top_k, int(math.floor(share * total_experts)))
-        for pred in predictors:
+        for pred in list(predictors) + ["min"]:
             bar.set_postfix_str(f"{100 * share:g}% {pred}")
             per_call: list = []
-            if pred == "none":
+            if pred == "min":              # the bound: MIN's loads, every one a demand load
+                res = belady_min(calls, slots)
+                per_call = _min_per_call(calls, slots)
+            elif pred == "none":
                 res = replay(mapped, calls, slots, "lru", "none", per_call=per_call)
+            elif pred == "predictive":    # the predictive policy's own estimates, no prefetch
+                res = replay(mapped, calls, slots, "predictive", "none", per_call=per_call)
             else:
                 if pred not in preds_of:   # the same predictions at every budget
-                    preds_of[pred] = call_predictions(mapped, calls, candidate_sets(mapped, pred, extra=per_extra(shape)),
-                                                      "layer")
-                res = replay(mapped, calls, slots, "predictive", pred, predictions=preds_of[pred], per_call=per_call)
+                    cands = candidate_sets(mapped, pred, extra=per_extra(shape))
+                    preds_of[pred] = call_predictions(mapped, calls, cands, "layer",
+                                                      precision=rank_precision(mapped, cands))
+                res = replay(mapped, calls, slots, "predictive", pred, predictions=preds_of[pred], per_call=per_call,
+                             min_confidence=min_confidence)
             t = stall = 0.0
             for c, (pf, dm) in zip(calls, per_call):
                 pf_s, dm_s = pf * eb / bw_link, dm * eb / bw_link
@@ -228,13 +251,25 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                 stall += wait
             t += dense_extra_s
             mem = (shape.dense_bytes + slots * eb) / 2**30
-            rows.append({"budget": f"{100 * share:g}%", "predictor": "lru" if pred == "none" else f"predictive+{pred}",
+            name = {"none": "lru", "min": "MIN (bound)", "predictive": "predictive"}.get(pred, f"predictive+{pred}")
+            rows.append({"budget": f"{100 * share:g}%", "predictor": name,
                          "tokens_per_s": tokens / t, "device_GiB": mem, "ready_rate": res.ready_rate,
-                         "loads_per_token": res.loads_per_token, "stall_share": stall / t,
+                         "resident_rate": res.resident_rate, "loads_per_token": res.loads_per_token,
+                         "min_loads_per_token": res.min_loads / tokens if tokens else 0.0,
+                         "loads_over_min": res.loads_over_min, "stall_share": stall / t,
                          "fits": mem <= profile.device_GiB})
             bar.update(1)
     bar.close()
     return rows
+
+
+def _min_per_call(calls, slots: int) -> list[tuple[int, int]]:
+    """MIN's loads per layer call, as ``(0 prefetch, demand)`` pairs for the cost model."""
+    from .runtime.belady import min_loads
+
+    per: list[int] = []
+    min_loads([(c.layer, c.active) for c in calls], slots, per_call=per)
+    return [(0, n) for n in per]
 
 
 def per_extra(shape: ModelShape) -> int:
@@ -242,7 +277,8 @@ def per_extra(shape: ModelShape) -> int:
     return shape.top_k // 2
 
 
-def assumptions(shape: ModelShape, profile: HardwareProfile) -> list[str]:
+def assumptions(shape: ModelShape, profile: HardwareProfile, routing: str | None = None) -> list[str]:
+    """What a projection assumes; ``routing``: the line saying which recorded routing it replays."""
     return [
         "PROJECTION from a cost model, not a measurement",
         f"hardware {profile.name}: link {profile.link_GBps} GB/s, device memory {profile.mem_GBps} GB/s, "
@@ -252,5 +288,8 @@ def assumptions(shape: ModelShape, profile: HardwareProfile) -> list[str]:
         f"{shape.all_expert_bytes / 2**30:.1f} GiB, dense {shape.dense_bytes / 2**30:.1f} GiB",
         "decode is memory-bound: layer time = bytes read / memory bandwidth + overhead; KV cache not counted",
         "prefetch for layer L is issued at L's attention and overlaps it; late prefetch and demand loads stall",
-        "routing: the shipped model's recorded routing mapped onto this shape (see `expertflow_compile/simulate.py`)",
+        "prefetches are issued when their confidence (measured precision of their rank) is high enough, and never "
+        "evict an expert predicted to be needed no later (do no harm); MIN (bound) prices Belady's MIN loads",
+        routing or (f"routing: the shipped {trace_model_for(shape)}'s recorded routing mapped onto this shape (see "
+                    "`expertflow_compile/simulate.py`)"),
     ]

@@ -34,7 +34,26 @@ def test_run_on_shipped_model_same_tokens_at_25_percent(capsys):
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["same tokens as fully resident"] == "True"
     assert "(25%)" in table["expert memory (budget / all experts)"]
-    assert 0.0 <= float(table["hit rate"]) <= 1.0
+    resident, ready = (float(x) for x in table["resident rate / ready rate"].split(" (")[0].split(" / "))
+    assert 0.0 <= resident <= ready <= 1.0
+    loads = table["loads (demand + speculative, wasted)"]            # "D + S = L, W wasted"
+    demand, rest = loads.split(" + ")
+    spec, rest = rest.split(" = ")
+    total, wasted = rest.split(", ")
+    assert int(demand) + int(spec) == int(total) and int(wasted.split()[0]) <= int(spec)
+    min_loads, ratio = table["MIN loads (Belady, same slots) / ratio"].split(" / x")
+    assert 0 < int(min_loads) <= int(total) and float(ratio) >= 1.0
+    assert "hit rate" not in out
+
+
+def test_run_takes_a_shipped_models_short_name(capsys):
+    assert main(["run", "--model", "tiny_qwen2_moe", "--budget", "50%", "--max-new-tokens", "2",
+                 "--prompt", "import os", "--predictor", "none"]) == 0
+    out = capsys.readouterr().out
+    same = [ln.split()[-1] for ln in out.splitlines() if ln.strip().startswith("same tokens as fully resident")]
+    assert "expertflow run: tiny_qwen2_moe" in out and same == ["True"]
+    assert main(["run", "--model", "tiny_nothing"]) == 2
+    assert "nor a shipped model's name (tiny_mixtral, tiny_qwen2_moe)" in capsys.readouterr().err
 
 
 def test_run_non_moe_model_is_one_line_exit_2(tmp_path):
@@ -79,11 +98,24 @@ def test_simulate_projects_every_budget(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PROJECTION" in printed and "assumptions:" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert [r["budget"] for r in rows] == ["100%", "25%", "25%", "50%", "50%"]
+    assert [r["budget"] for r in rows] == ["100%"] + ["25%"] * 4 + ["50%"] * 4
     lru = {r["budget"]: r for r in rows if r["predictor"] == "lru"}
+    bound = {r["budget"]: r for r in rows if r["predictor"] == "MIN (bound)"}
     assert lru["50%"]["tokens_per_s"] >= lru["25%"]["tokens_per_s"]   # more budget, never slower
+    for b in ("25%", "50%"):       # MIN's loads, all on demand: never more loads nor slower than LRU
+        assert bound[b]["loads_per_token"] <= lru[b]["loads_per_token"]
+        assert bound[b]["tokens_per_s"] >= lru[b]["tokens_per_s"] - 1e-9
+    for r in rows[1:]:
+        assert r["loads_over_min"] >= 1.0 - 1e-9 and r["resident_rate"] <= r["ready_rate"] + 1e-9
+    assert "tiny_mixtral" in printed and "routing:" in printed
     assert all(r["tokens_per_s"] <= rows[0]["tokens_per_s"] + 1e-9 for r in rows)
     assert lru["25%"]["device_GiB"] < rows[0]["device_GiB"]
+
+
+def test_simulate_fine_grained_target_replays_the_fine_grained_model(capsys):
+    assert main(["simulate", "--model", "qwen3-30b-a3b", "--tokens", "64", "--budgets", "25%"]) == 0
+    printed = capsys.readouterr().out
+    assert "routing: the shipped tiny_qwen2_moe's routing (60 experts, top-4)" in printed
 
 
 def test_simulate_bad_profile_exit_2():
@@ -154,5 +186,5 @@ def test_bench_drops_default_accelerate_mode_without_accelerate(monkeypatch, cap
     monkeypatch.setattr("expertflow_compile.bench.run_bench", lambda path, budgets, modes, *a, **k: calls.append(modes) or [])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["bench", "--out", str(tmp_path)]) == 0
-    assert calls == [["hf-resident", "ef-lru", "ef-lookahead"]]
+    assert calls == [["hf-resident", "ef-lru", "ef-lookahead", "ef-predictive-lookahead"]]
     assert "no hf-accelerate rows" in capsys.readouterr().err

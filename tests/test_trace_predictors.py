@@ -38,7 +38,7 @@ def _check_min_properties(trace, batch, slots):
     oracle = replay(trace, calls, slots, "predictive", "oracle-distance")
     assert oracle.loads == mn.loads, "predictive policy with the true next-use distances must make MIN's loads"
     lru = replay(trace, calls, slots, "lru")
-    assert lru.hits <= mn.hits
+    assert lru.resident <= mn.resident
     others = [lru, replay(trace, calls, slots, "lfu"), replay(trace, calls, slots, "predictive")]
     for source in ("lookahead", "oracle"):
         cands = candidate_sets(trace, source)
@@ -46,7 +46,12 @@ def _check_min_properties(trace, batch, slots):
         others.append(replay(trace, calls, slots, "lru", source, candidates=cands, issue="first"))
     for r in others:
         assert r.loads >= mn.loads, f"{r.policy}+{r.predictor} made {r.loads} loads < MIN's {mn.loads}"
-        assert r.uses == mn.uses
+        assert r.uses == mn.uses and r.min_loads == mn.loads
+        # the figures add up: every use is resident, ready after a prefetch, or a demand load
+        assert r.resident <= r.ready <= r.uses and r.loads == r.demand_loads + r.prefetch_loads
+        assert r.uses - r.ready <= r.demand_loads and r.wasted_loads <= r.prefetch_loads
+        if r.predictor == "none":
+            assert r.prefetch_loads == 0 and r.ready == r.resident
     return mn, others
 
 

@@ -12,12 +12,15 @@ or reserved by a layer call that loads it itself), LOADING (being read, by the w
 caller), READY (loaded). QUEUED and LOADING are "in flight". Pinned slots (held by a layer
 call or an ``acquire``) are never evicted nor cancelled.
 
+**Prefetches do no harm**: a prefetch for a use ``d`` layer moves away evicts only an expert
+whose predicted next use (``Policy.next_use``) is further than ``d``; otherwise it stops.
+
 **Which slot to evict** is the policy's choice (:mod:`~expertflow_compile.runtime.policies`,
 names in ``POLICIES``): the policy keeps the *candidates* (READY, unpinned, not protected)
 in a structure ordered by its eviction key, so a victim is found in O(log n), independent
 of the slot count. With every policy, an expert prefetched and not yet used is "protected"
-until execution has gone through its layer without using it (then it was a misprediction
-and competes normally): while protected, a demand load evicts it only when no other victim
+until execution has gone through its layer without using it (then it was a misprediction:
+loaded, it competes normally; still queued, it is cancelled): while protected, a demand load evicts it only when no other victim
 exists (the few protected slots are then compared by the policy's key), and another
 prefetch never evicts it. A demand load that finds no victim cancels the most recently
 queued unpinned prefetch, else waits for a load in flight or for another thread's pins.
@@ -95,7 +98,7 @@ _STATE_NAMES = {_FREE: "free", _QUEUED: "queued", _LOADING: "loading", _READY: "
 
 class _Slot:
     __slots__ = (
-        "index", "key", "state", "pins", "last_use", "prefetched", "protected", "load_id", "loader",
+        "index", "key", "state", "pins", "last_use", "prefetched", "demand", "protected", "load_id", "loader",
         "ready_event", "release_event", "pq_seq", "pq_group",
     )
 
@@ -106,6 +109,7 @@ class _Slot:
         self.pins = 0
         self.last_use = 0
         self.prefetched = False      # queued to the worker and not used yet
+        self.demand = False          # ... as a layer call's own miss (queue_misses): a demand load
         self.protected = False       # prefetched for a layer that has not run yet: evicted last
         self.load_id = 0             # bumps whenever the slot's pending load changes hands
         self.loader: threading.Thread | None = None
@@ -128,8 +132,8 @@ class _Staging:
 class _Counts:
     """Counters of one lease, added to the stats once."""
 
-    __slots__ = ("hits", "misses", "inflight_waits", "prefetch_used", "prefetch_late", "prefetch_issued",
-                 "demand_loads", "bytes_moved", "stall")
+    __slots__ = ("hits", "resident", "arrived", "misses", "inflight_waits", "prefetch_used", "prefetch_late",
+                 "prefetch_issued", "demand_loads", "bytes_moved", "stall")
 
     def __init__(self):
         for name in self.__slots__:
@@ -314,6 +318,7 @@ class ExpertCache:
         self.budget_bytes = self.num_slots * self.slot_bytes
         self.stats = stats if stats is not None else RuntimeStats()
         self.stats.budget_bytes = self.budget_bytes
+        self.stats.num_slots = self.num_slots
         self.pool = SlotPool(self.num_slots, self.slot_bytes, device, specs)
         strategy.bind(order)
         self._on_use = None if type(strategy).on_use is Policy.on_use else strategy.on_use
@@ -383,10 +388,15 @@ class ExpertCache:
         self._check_keys(layer, req)
         issued = []
         with self._lock:
+            pos, last = self._layer_pos[layer], self._layer_pos.get(self._last_layer)
+            dist = pos if last is None else (pos - last) % len(self._layer_pos)
             if self.policy == "predictive":
-                pos, last = self._layer_pos[layer], self._layer_pos.get(self._last_layer)
-                dist = pos if last is None else (pos - last) % len(self._layer_pos)
+                due = [self.strategy.hints.get(layer, {}).get(e) for e in req]
                 self.strategy.hint(layer, req, dist, self._table.get)
+                # an earlier hint (set_predicted) may be sooner than the layer distance
+                known = [d - self.strategy.clock for d in due if d is not None]
+                if known:
+                    dist = min(dist, max(0, min(known)))
             if not self.prefetching:
                 return 0
             skip = protected = None
@@ -400,7 +410,8 @@ class ExpertCache:
                     continue
                 if skip is None:
                     skip = {(layer, x) for x in req}
-                slot = self._free_or_victim(skip, demand=False)
+                # do no harm: evict only an expert predicted to be used later than this one
+                slot = self._free_or_victim(skip, demand=False, harm_limit=dist)
                 if slot is None:
                     break
                 self._assign(slot, key, _QUEUED)
@@ -466,6 +477,7 @@ class ExpertCache:
             raise RuntimeError(f"expertflow_compile: {len(req)} experts of layer {layer} cannot be held at once in "
                                f"{self.num_slots} expert cache slots")
         lease = LayerLease(self, layer, req)
+        self.stats.log_call(layer, req)
         lazy = loads == "lazy" or not resident_first
         deadline = None
         with self._lock:
@@ -623,7 +635,7 @@ class ExpertCache:
         with self._lock:   # prefetches the worker never reached (deferred mode)
             for slot in list(self._queued_idle):
                 if slot.state == _QUEUED and slot.pins == 0:   # noqa: SIM102
-                    self._count_eviction(slot.key[0], wasted=1, evicted=0)
+                    self._count_eviction(slot.key[0], evicted=0, cancelled=1)
                     self._free_slot(slot)
             self._deferred_items = []
             evicted, self._evicted = self._evicted, {}
@@ -723,7 +735,7 @@ class ExpertCache:
         slot.key = key
         slot.state = state
         slot.load_id = next(self._load_ids)
-        slot.prefetched = False
+        slot.prefetched = slot.demand = False
         self._table[key] = slot
         self._inflight += 1
 
@@ -769,7 +781,7 @@ class ExpertCache:
         slot.key = None
         slot.state = _FREE
         slot.loader = None
-        slot.prefetched = False
+        slot.prefetched = slot.demand = False
         slot.load_id = next(self._load_ids)
         self._free.append(slot)
         if self._waiting:
@@ -785,10 +797,15 @@ class ExpertCache:
         if layer == self._last_layer:
             return
         if self._last_layer is not None:
-            # the layer ran: its unused prefetches were wrong, they compete normally now
+            # the layer ran: its unused prefetches were wrong (the router disagreed): the loaded
+            # ones compete normally now, the ones still queued are cancelled (no transfer for them)
             for slot in self._protected.pop(self._last_layer, ()):
                 slot.protected = False
-                self._settle(slot)
+                if slot.state == _QUEUED and slot.pins == 0 and slot.prefetched and not slot.demand:
+                    self._count_eviction(slot.key[0], evicted=0, cancelled=1)
+                    self._free_slot(slot)
+                else:
+                    self._settle(slot)
         self._last_layer = layer
         self._clock += 1
         self.strategy.on_enter_layer(layer, self._clock, self._table.get)
@@ -801,21 +818,29 @@ class ExpertCache:
         elif self._queue is not None:
             self._queue.put(items)
 
-    def _count_eviction(self, layer: int, *, wasted: int, evicted: int = 1) -> None:
+    def _count_eviction(self, layer: int, *, wasted: int = 0, evicted: int = 1, cancelled: int = 0) -> None:
+        """``evicted``: a resident expert dropped (``wasted``: a prefetch load never used);
+        ``cancelled``: a queued prefetch dropped before it was read."""
         acc = self._evicted.get(layer)
         if acc is None:
-            acc = self._evicted[layer] = [0, 0]
+            acc = self._evicted[layer] = [0, 0, 0]
         acc[0] += evicted
         acc[1] += wasted
+        acc[2] += cancelled
 
     def _flush_evictions(self, evicted: dict) -> None:
-        for layer, (n, wasted) in evicted.items():
-            if n and wasted:
-                self.stats.add(layer, evictions=n, prefetch_wasted=wasted)
-            elif n:
-                self.stats.add(layer, evictions=n)
-            elif wasted:
-                self.stats.add(layer, prefetch_wasted=wasted)
+        for layer, (n, wasted, cancelled) in evicted.items():
+            counts = {}
+            if n:
+                counts["evictions"] = n
+            if wasted:
+                counts["wasted_loads"] = wasted
+            if cancelled:
+                counts["prefetch_cancelled"] = cancelled
+            if wasted or cancelled:
+                counts["prefetch_wasted"] = wasted + cancelled
+            if counts:
+                self.stats.add(layer, **counts)
 
     # ------------------------------------------------------------ internals: victims (lock held)
 
@@ -837,7 +862,7 @@ class ExpertCache:
             self._count_eviction(victim.key[0], wasted=int(victim.prefetched))
         elif demand and self._queued_idle:   # cancel the most recently queued prefetch (the furthest-ahead one)
             victim = next(reversed(self._queued_idle))
-            self._count_eviction(victim.key[0], wasted=1, evicted=0)
+            self._count_eviction(victim.key[0], evicted=0, cancelled=1)
         else:
             return None
         self._free_slot(victim)
@@ -932,7 +957,7 @@ class ExpertCache:
                 self._pins += 1
                 pins[tid] += 1
                 if queue:
-                    slot.prefetched = True
+                    slot.prefetched = slot.demand = True
                     items.append((slot, key, slot.load_id))
                     pending.append(e)
                 else:
@@ -956,21 +981,24 @@ class ExpertCache:
             self._loading += len(batch)
         counts = lease._counts
         lease._ready = [(e, held[e]) for e in ready]
-        for e, slot in lease._ready:          # resident: the use happens now
+        for e, slot in lease._ready:          # loaded: the use happens now
             counts.hits += 1
-            if slot.prefetched:
+            if slot.prefetched:                # brought in by a speculative load not used yet
+                counts.arrived += 1
                 counts.prefetch_used += 1
                 slot.prefetched = False
+            else:
+                counts.resident += 1
             self._used(slot)
-        counts.prefetch_issued += len(items)
         lease._pending = pending
         lease._deferred = deferred
         self._submit(items)
         return batch
 
-    def _free_or_victim(self, skip=None, demand: bool = True) -> _Slot | None:
+    def _free_or_victim(self, skip=None, demand: bool = True, harm_limit: float | None = None) -> _Slot | None:
         """A FREE slot for a missing expert: free, new, or evicted per policy (never an expert
-        in ``skip``); ``demand``: a protected prefetch, else a queued one, as a last resort."""
+        in ``skip``); ``demand``: a protected prefetch, else a queued one, as a last resort.
+        ``harm_limit``: evict only a victim whose predicted next use is further away."""
         if self._free:
             return self._free.pop()
         if len(self._slots) < self.num_slots:
@@ -979,6 +1007,9 @@ class ExpertCache:
             self.stats.set_cache_bytes(len(self._slots) * self.slot_bytes)
             return slot
         victim = self.strategy.victim(skip or ())
+        if victim is not None and harm_limit is not None and self.strategy.next_use(victim) <= harm_limit:
+            self.strategy.add(victim)             # needed no later than the prefetched one: keep it
+            return None
         if victim is None:
             return self._find_victim(skip, demand=True) if demand else None
         key = victim.key                      # a candidate: READY, unpinned, not protected
@@ -988,7 +1019,7 @@ class ExpertCache:
         self._count_eviction(key[0], wasted=int(victim.prefetched))
         victim.key = None
         victim.state = _FREE
-        victim.prefetched = False
+        victim.prefetched = victim.demand = False
         return victim
 
     def _rollback(self, lease: LayerLease, assigned) -> None:
@@ -1164,12 +1195,22 @@ class ExpertCache:
         return True
 
     def _hit(self, slot: _Slot, counts: _Counts, t_wait) -> None:
+        """A held expert found READY when reached (lock held): its own demand load the worker
+        did (a miss), else a speculative load or another thread's load (ready when it had
+        landed before the call reached it, else an in-flight wait)."""
+        if slot.demand:
+            slot.demand = slot.prefetched = False
+            counts.misses += 1
+            self._used(slot)
+            return
         counts.hits += 1
         if slot.prefetched:
             counts.prefetch_used += 1
             slot.prefetched = False
         if t_wait is not None:
             counts.inflight_waits += 1
+        else:
+            counts.arrived += 1
         self._used(slot)
 
     def _handed(self, e: int, slot: _Slot, t_wait, counts: _Counts):
@@ -1184,7 +1225,8 @@ class ExpertCache:
         taken-over prefetch whose read fails with an I/O error is read once more."""
         layer = lease.layer
         counts = lease._counts
-        late = slot.prefetched               # a prefetch this thread took over: right but late
+        late = slot.prefetched and not slot.demand   # a prefetch this thread took over: right but late
+        slot.demand = False
         t0 = time.perf_counter()
         while True:
             try:
@@ -1312,14 +1354,18 @@ class ExpertCache:
     def _worker_batch(self, batch) -> None:
         """Load one prefetch call's items (the worker, or ``run_prefetches``): all taken at
         once, and read in one call when the store can (``read_many``); a failure there
-        retries the items one by one so that only the failing ones fail."""
+        retries the items one by one so that only the failing ones fail. A queued miss
+        (``slot.demand``) counts as a demand load, a prefetch as a speculative one."""
         if self._read_many is None or len(batch) < 2:
-            done: dict[int, int] = {}
+            done: dict[int, list[int]] = {}          # layer -> [demand, all]: counted once per batch
             for item in batch:
-                if self._worker_load(item, count=False):
-                    done[item[1][0]] = done.get(item[1][0], 0) + 1
-            for layer, n in done.items():
-                self.stats.add(layer, prefetch_loads=n, bytes_moved=n * self._expert_bytes[layer])
+                demand = self._worker_load(item)
+                if demand is not None:
+                    acc = done.setdefault(item[1][0], [0, 0])
+                    acc[0] += demand
+                    acc[1] += 1
+            for layer, (demand, n) in done.items():
+                self._count_worker_loads(layer, demand, n)
             return
         me = threading.current_thread()
         with self._lock:
@@ -1327,24 +1373,33 @@ class ExpertCache:
                 for slot, key, load_id in batch:
                     self._worker_take(slot, key, load_id, me)
                 return
-            taken = [(slot, key) for slot, key, load_id in batch if self._worker_take(slot, key, load_id, me)]
+            taken = [(slot, key, slot.demand) for slot, key, load_id in batch
+                     if self._worker_take(slot, key, load_id, me)]
         if not taken:
             return
         layer = taken[0][0].key[0]
         try:
-            if any(key[0] != layer for _, key in taken):
+            if any(key[0] != layer for _, key, _d in taken):
                 raise ValueError("one layer per batch")
-            self._read_many(layer, [key[1] for _, key in taken], self.pool.stacked(layer),
-                            [slot.index for slot, _ in taken])
+            self._read_many(layer, [key[1] for _, key, _d in taken], self.pool.stacked(layer),
+                            [slot.index for slot, _, _d in taken])
         except BaseException:
-            for slot, key in taken:         # one by one: only the failing ones fail
-                self._worker_read(slot, key)
+            for slot, key, demand in taken:         # one by one: only the failing ones fail
+                self._worker_read(slot, key, demand)
             return
         with self._lock:
-            for slot, _key in taken:
+            for slot, _key, _d in taken:
                 self._loading -= 1
                 self._set_ready(slot)
-        self.stats.add(layer, prefetch_loads=len(taken), bytes_moved=len(taken) * self._expert_bytes[layer])
+        self._count_worker_loads(layer, sum(d for _, _, d in taken), len(taken))
+
+    def _count_worker_loads(self, layer: int, demand: int, n: int) -> None:
+        counts = {"bytes_moved": n * self._expert_bytes[layer]}
+        if demand:
+            counts["demand_loads"] = demand
+        if n - demand:
+            counts["prefetch_loads"] = n - demand
+        self.stats.add(layer, **counts)
 
     def _worker_take(self, slot: _Slot, key, load_id: int, me) -> bool:
         """Start the worker's load of a queued item (lock held); False: nothing to load."""
@@ -1352,7 +1407,7 @@ class ExpertCache:
             return False                    # taken over by a caller, or cancelled
         if self._stop.is_set() and not self._deferred_mode:
             if slot.pins == 0:
-                self._count_eviction(key[0], wasted=1, evicted=0)
+                self._count_eviction(key[0], evicted=0, cancelled=1)
                 self._free_slot(slot)
             return False                    # a pinned one is loaded by the call holding it
         self._queued_idle.pop(slot, None)
@@ -1361,14 +1416,17 @@ class ExpertCache:
         self._loading += 1
         return True
 
-    def _worker_load(self, item, count: bool = True) -> bool:
+    def _worker_load(self, item) -> int | None:
+        """Take and read one queued item; None: nothing loaded, else 1 for a demand load
+        (a queued miss), 0 for a prefetch (the caller counts it)."""
         slot, key, load_id = item
         with self._lock:
             if not self._worker_take(slot, key, load_id, threading.current_thread()):
-                return False
-        return self._worker_read(slot, key, count)
+                return None
+            demand = slot.demand
+        return int(demand) if self._worker_read(slot, key, demand, count=False) else None
 
-    def _worker_read(self, slot: _Slot, key, count: bool = True) -> bool:
+    def _worker_read(self, slot: _Slot, key, demand: bool, count: bool = True) -> bool:
         """Read a slot the worker took; True when it loaded (counted unless ``count=False``)."""
         try:
             self._load(slot, key[0], key[1], background=True)
@@ -1379,11 +1437,12 @@ class ExpertCache:
             self._loading -= 1
             self._set_ready(slot)
         if count:
-            self.stats.add(key[0], prefetch_loads=1, bytes_moved=self._expert_bytes[key[0]])
+            self._count_worker_loads(key[0], int(demand), 1)
         return True
 
     def _worker_failed(self, slot: _Slot, key, exc: BaseException) -> None:
         with self._lock:
+            demand = slot.demand
             self._loading -= 1
             if slot.pins:                   # a layer call holds it: it loads it itself
                 slot.state = _QUEUED
@@ -1394,7 +1453,8 @@ class ExpertCache:
                     self._cond.notify_all()
             else:
                 self._free_slot(slot)
-        self.stats.add(key[0], prefetch_failed=1, prefetch_wasted=1)
+        if not demand:
+            self.stats.add(key[0], prefetch_failed=1, prefetch_wasted=1)
         self._log_failure(key, exc)
 
     def _log_failure(self, key, exc: BaseException) -> None:

@@ -303,7 +303,7 @@ class ExpertEngine:
         if not active:
             out_rows = rows.new_zeros((0, plan.out_features), dtype=plan.rows_dtype)
         elif self.cache is None:
-            self.stats.add(layer, hits=len(active))
+            self.stats.add(layer, hits=len(active), resident=len(active))
             per = self._resident_views(plan, w_up, w_down, b_up, b_down, w_up2)
             out_rows = layer_forward(rows, [(offs[e], offs[e + 1]) for e in active], [per[e] for e in active],
                                      plan.math)
@@ -378,7 +378,7 @@ class ExpertEngine:
         ids = ids.view(-1, topk_weights.shape[-1])
         args = dict(kind=kind, up_transposed=plan.math.up_transposed, down_transposed=plan.math.down_transposed)
         if self.cache is None:
-            self.stats.add(plan.layer, hits=len(active))
+            self.stats.add(plan.layer, hits=len(active), resident=len(active))
             return triton_grouped_experts(hidden, ids, topk_weights, w_up, w_down, b_up, b_down, **args)
         cache = self.cache
         if len(active) > cache.num_slots:   # cannot hold them all at once: per-expert torch path

@@ -50,6 +50,7 @@ __all__ = ["POLICIES", "Policy", "LRUPolicy", "LFUPolicy", "PredictivePolicy", "
 POLICIES = ("lru", "lfu", "predictive")
 
 _SEQ = itertools.count(1)
+_REUSE_CAP = 64            # reuse distances (in runs of a layer) kept apart; longer ones share a bucket
 
 
 class _Heap:
@@ -137,6 +138,12 @@ class Policy:
         """The eviction key (smallest goes first) of any assigned slot, candidate or not."""
         raise NotImplementedError
 
+    def next_use(self, slot) -> float:
+        """Predicted layer moves until the slot's expert is used next (inf: unknown or never).
+        A prefetch for a use ``d`` moves away may evict only an expert whose ``next_use`` is
+        larger (do no harm); a policy that predicts nothing answers inf."""
+        return math.inf
+
     @property
     def candidates(self) -> int:
         raise NotImplementedError
@@ -210,8 +217,14 @@ class PredictivePolicy(Policy):
 
     name = "predictive"
 
-    def __init__(self, estimate_unhinted: bool = True):
+    def __init__(self, estimate_unhinted: bool = True, estimator: str = "reuse"):
+        if estimator not in ("reuse", "frequency"):
+            raise ValueError(f"estimator must be 'reuse' or 'frequency', got {estimator!r}")
         self.estimate_unhinted = bool(estimate_unhinted)
+        self.estimator = estimator
+        self._last_run: dict[tuple[int, int], int] = {}     # run of its layer in which the expert was last used
+        self._reuse: dict[int, list[int]] = {}               # layer -> histogram of reuse distances (in runs)
+        self._tail: dict[int, list[float] | None] = {}       # layer -> E[R | R > a] per age a (cached)
         self.clock = 0
         self._pos: dict[int, int] = {}
         self._n = 1
@@ -246,15 +259,46 @@ class PredictivePolicy(Policy):
             self._next_run[layer] = self.clock + self._steps(layer)
             self._refresh_head(layer)
 
+    def _runs_after_next(self, key) -> float:
+        """Estimated whole passes of its layer, after the layer's next run, until the unhinted
+        expert is used. ``"reuse"``: from its layer's reuse-distance histogram, given the
+        runs since its last use (``E[R | R > a] - a - 1``); ``"frequency"`` (or no reuse
+        seen yet): ``1 / chance - 1`` with ``chance`` its share of its layer's runs."""
+        layer = key[0]
+        if self.estimator == "reuse":
+            tail = self._tail_of(layer)
+            last = self._last_run.get(key)
+            if tail is not None and last is not None:
+                a = min(self._runs.get(layer, 0) - last, _REUSE_CAP)
+                return tail[a] - a - 1.0
+        chance = self._used.get(key, 0) / max(1, self._runs.get(layer, 0))
+        return math.inf if chance <= 0 else 1.0 / chance - 1.0
+
+    def _tail_of(self, layer: int):
+        tail = self._tail.get(layer)
+        if tail is None:
+            hist = self._reuse.get(layer)
+            if not hist:
+                return None
+            tail = [0.0] * (_REUSE_CAP + 1)
+            mass = weighted = 0.0
+            for r in range(_REUSE_CAP + 1, 0, -1):   # bucket CAP+1 holds longer distances, counted as 2 x CAP
+                n = hist[r]
+                mass += n
+                weighted += n * (r if r <= _REUSE_CAP else 2 * _REUSE_CAP)
+                if r - 1 <= _REUSE_CAP:
+                    tail[r - 1] = weighted / mass if mass else 4.0 * _REUSE_CAP
+            self._tail[layer] = tail
+        return tail
+
     def _distance(self, key) -> float:
         """Estimated layer moves until an unhinted expert is used (inf: never)."""
         if not self.estimate_unhinted:
             return math.inf
-        layer = key[0]
-        chance = self._used.get(key, 0) / max(1, self._runs.get(layer, 0))
-        if chance <= 0:
+        more = self._runs_after_next(key)
+        if more == math.inf:
             return math.inf
-        return (self._next_run[layer] - self.clock) + self._n * (1.0 / chance - 1.0)
+        return (self._next_run[key[0]] - self.clock) + self._n * max(0.0, more)
 
     def key(self, slot) -> tuple:
         layer, expert = slot.key
@@ -265,6 +309,9 @@ class PredictivePolicy(Policy):
 
     def hinted(self, key) -> bool:
         return key[1] in self.hints.get(key[0], ())
+
+    def next_use(self, slot) -> float:
+        return -self.key(slot)[0]
 
     # -- candidates
     def add(self, slot) -> None:
@@ -279,7 +326,10 @@ class PredictivePolicy(Policy):
         else:
             heap = self._per_layer[layer]
             slot.pq_group = heap
-            heap.push((self._used[slot.key], slot.last_use), slot)
+            # within a layer the furthest estimate is the least used ("frequency") or the one
+            # unused for the most runs ("reuse": E[R | R > a] - a grows with a)
+            first = self._used[slot.key] if self.estimator == "frequency" else self._last_run.get(slot.key, 0)
+            heap.push((first, slot.last_use), slot)
             top = heap.top()
             if top[-1] is slot:
                 self._refresh_head(layer)
@@ -301,9 +351,9 @@ class PredictivePolicy(Policy):
         self._head_seq[layer] = seq
         if top is None:
             return
-        used, last_use = top[0], top[1]
-        chance = used / max(1, self._runs.get(layer, 0))
-        est = self._next_run[layer] + self._n * (1.0 / chance - 1.0)
+        last_use = top[1]
+        more = self._runs_after_next(top[-1].key)
+        est = math.inf if more == math.inf else self._next_run[layer] + self._n * max(0.0, more)
         heapq.heappush(self._heads, (-est, last_use, seq, layer))
         if len(self._heads) > 4 * len(self._head_seq) + 64:
             self._heads = [e for e in self._heads if self._head_seq.get(e[3]) == e[2]]
@@ -343,6 +393,14 @@ class PredictivePolicy(Policy):
         if self._counted.get(key) != run:
             self._counted[key] = run
             self._used[key] = self._used.get(key, 0) + 1
+            last = self._last_run.get(key)
+            if last is not None and run > last:
+                hist = self._reuse.get(layer)
+                if hist is None:
+                    hist = self._reuse[layer] = [0] * (_REUSE_CAP + 2)
+                hist[min(run - last, _REUSE_CAP + 1)] += 1
+                self._tail[layer] = None
+            self._last_run[key] = run
 
     def on_enter_layer(self, layer: int, clock: int, lookup) -> None:
         prev_layer, prev = self._layer, self._here

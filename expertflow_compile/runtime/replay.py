@@ -16,8 +16,8 @@ Prefetches complete before the layer's experts are acquired (the cache runs with
 prefetch calls, so a run is deterministic; only the cache's public interface is used): the
 replay measures what a predictor's *choices* do to the cache under an unlimited-bandwidth
 assumption, not transfer timing. Counters come from the cache's own
-:class:`~expertflow_compile.runtime.stats.RuntimeStats`: ``loads = demand + prefetch``,
-``ready_rate = hits / uses``.
+:class:`~expertflow_compile.runtime.stats.RuntimeStats` (the definitions are there): resident
+and ready rates, ``loads = demand + prefetch``, wasted loads, and MIN loads on the same calls.
 
 :func:`belady_min` is Belady's MIN on the same layer calls and slot budget (offline
 optimal demand paging; within a layer call, misses are loaded furthest-next-use first,
@@ -34,14 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .belady import min_loads
 from .cache import ExpertCache
 from .policies import PredictivePolicy
 from .prediction.common import ranked_votes
 from .stats import RuntimeStats
 from .store import ExpertSpec, ExpertStore
 
-__all__ = ["LayerCall", "layer_calls", "replay", "belady_min", "bypass_bound", "ByteStore", "ReplayResult", "slots_for_share", "call_predictions",
-           "candidate_sets"]
+__all__ = ["LayerCall", "layer_calls", "replay", "belady_min", "bypass_bound", "ByteStore", "ReplayResult", "slots_for_share",
+           "call_predictions", "candidate_sets", "rank_precision"]
 
 
 class ByteStore(ExpertStore):
@@ -114,61 +115,65 @@ def _next_after(uses, key, i) -> float:
 
 @dataclass
 class ReplayResult:
+    """One replay's figures (definitions: :mod:`~expertflow_compile.runtime.stats`):
+    ``resident`` uses found their expert cached when the call began, not brought in by a
+    still unused prefetch, ``ready`` uses found it loaded when the call acquired it
+    (resident, or a prefetch that landed), ``loads = demand_loads + prefetch_loads``, ``wasted_loads``
+    prefetch loads evicted unused, ``min_loads`` Belady's MIN on the same calls and slots."""
+
     policy: str
     predictor: str
     slots: int
     uses: int
-    hits: int
+    resident: int
+    ready: int
     loads: int
     demand_loads: int
     prefetch_loads: int
+    wasted_loads: int
     tokens: int
+    min_loads: int | None = None
+
+    @property
+    def resident_rate(self) -> float:
+        return self.resident / self.uses if self.uses else 0.0
 
     @property
     def ready_rate(self) -> float:
-        return self.hits / self.uses if self.uses else 0.0
+        return self.ready / self.uses if self.uses else 0.0
 
     @property
     def loads_per_token(self) -> float:
         return self.loads / self.tokens if self.tokens else 0.0
 
+    @property
+    def loads_over_min(self) -> float | None:
+        return self.loads / self.min_loads if self.min_loads else None
+
     def as_dict(self) -> dict:
         return {"policy": self.policy, "predictor": self.predictor, "slots": self.slots, "uses": self.uses,
-                "hits": self.hits, "loads": self.loads, "demand_loads": self.demand_loads,
-                "prefetch_loads": self.prefetch_loads, "tokens": self.tokens, "ready_rate": self.ready_rate,
-                "loads_per_token": self.loads_per_token}
+                "resident": self.resident, "ready": self.ready, "loads": self.loads,
+                "demand_loads": self.demand_loads, "prefetch_loads": self.prefetch_loads,
+                "wasted_loads": self.wasted_loads, "tokens": self.tokens, "min_loads": self.min_loads,
+                "resident_rate": self.resident_rate, "ready_rate": self.ready_rate,
+                "loads_per_token": self.loads_per_token, "loads_over_min": self.loads_over_min}
+
+
+def _as_pairs(calls: list[LayerCall]) -> list[tuple[int, list[int]]]:
+    return [(c.layer, c.active) for c in calls]
 
 
 def belady_min(calls: list[LayerCall], slots: int) -> ReplayResult:
     """Belady's MIN (demand paging with the true future) over ``calls`` with ``slots``
-    slots shared by all layers, in the engine's sequential model: within a layer call the
-    resident experts are used first, then the missing ones are loaded furthest-next-use
-    first (the last one loaded, which stays cached, is then the one needed soonest); a load
-    into a full cache evicts the expert whose next use is furthest (never used again:
-    first), least recently used among ties - the rule the predictive policy applies to
-    true next-use hints, so ``replay(..., "predictive", "oracle-distance")`` makes exactly
-    these loads. :func:`bypass_bound` is a looser bound provable for any policy."""
-    uses = _next_uses(calls)
-    cached: dict = {}                  # key -> last use tick
-    tick = hits = loads = n_uses = 0
-    for i, c in enumerate(calls):
-        keys = [(c.layer, e) for e in c.active]
-        n_uses += len(keys)
-        hit = [k for k in keys if k in cached]
-        miss = sorted((k for k in keys if k not in cached), key=lambda k: -_next_after(uses, k, i))
-        for k in hit:
-            tick += 1
-            cached[k] = tick
-            hits += 1
-        for k in miss:
-            if len(cached) >= slots:
-                victim = max(cached, key=lambda v: (_next_after(uses, v, i), -cached[v]))
-                del cached[victim]
-            tick += 1
-            cached[k] = tick
-            loads += 1
+    slots shared by all layers (:func:`~expertflow_compile.runtime.belady.min_loads`: the
+    engine's sequential model, furthest next use evicted first, least recently used among
+    ties - the rule the predictive policy applies to true next-use hints, so
+    ``replay(..., "predictive", "oracle-distance")`` makes exactly these loads).
+    :func:`bypass_bound` is a looser bound provable for any policy."""
+    loads, resident = min_loads(_as_pairs(calls), slots)
+    n_uses = sum(len(c.active) for c in calls)
     tokens = len({t for c in calls for t in c.tokens})
-    return ReplayResult("min", "none", slots, n_uses, hits, loads, loads, 0, tokens)
+    return ReplayResult("min", "none", slots, n_uses, resident, resident, loads, loads, 0, 0, tokens, loads)
 
 
 def bypass_bound(calls: list[LayerCall], slots: int) -> int:
@@ -206,38 +211,76 @@ def candidate_sets(trace, source: str, extra: int = 1, path_candidates: dict | N
     raise ValueError(f"unknown prediction source {source!r}")
 
 
-def call_predictions(trace, calls: list[LayerCall], candidates: dict[int, torch.Tensor], issue: str = "layer"):
-    """Per layer call, the prefetches a predictor issues: ``[(target_layer, ranked experts)]``.
+def rank_precision(trace, candidates: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per layer, the measured precision of each candidate rank: ``p[layer][r]`` = share of
+    tokens whose rank-``r`` candidate is one of the token's true experts (the confidence a
+    prediction of that rank deserves)."""
+    out = {}
+    for l, cand in candidates.items():
+        true = trace.ids[l]
+        hit = (cand.unsqueeze(-1) == true.unsqueeze(1)).any(-1).float()     # [N, c]
+        out[l] = hit.mean(0) if hit.shape[0] else torch.zeros(cand.shape[1])
+    return out
 
-    ``candidates[layer]`` [N, c]: each token's predicted experts. ``issue="layer"``: each
-    layer call prefetches its own layer's prediction before acquiring (the lookahead
-    predictor's timing, and the engine's path predictor with ``lookahead_depth=1``);
-    ``issue="first"``: the first MoE layer's call prefetches every layer's prediction."""
+
+def call_predictions(trace, calls: list[LayerCall], candidates: dict[int, torch.Tensor], issue: str = "layer",
+                     precision: dict[int, torch.Tensor] | None = None):
+    """Per layer call, the prefetches a predictor issues: ``[(target_layer, ranked experts,
+    confidences)]``.
+
+    ``candidates[layer]`` [N, c]: each token's predicted experts, best first. An expert's
+    confidence is the chance that the call uses it: ``1 - prod(1 - p[rank])`` over the
+    tokens naming it, with ``precision`` the measured precision per rank
+    (:func:`rank_precision`; None: votes / tokens). Experts come most confident first.
+    ``issue="layer"``: each layer call prefetches its own layer's prediction before
+    acquiring (the lookahead predictor's timing, and the engine's path predictor with
+    ``lookahead_depth=1``); ``issue="first"``: the first MoE layer's call prefetches every
+    layer's prediction."""
     layers = list(trace.layers)
+    logq = None if precision is None else {l: torch.log1p(-p.clamp(max=1 - 1e-9)) for l, p in precision.items()}
     out = []
     for c in calls:
         idx = torch.tensor(c.tokens)
         targets = [c.layer] if issue == "layer" else (layers if c.layer == layers[0] else [])
-        out.append([(t, ranked_votes(candidates[t][idx], trace.num_experts[t])[0]) for t in targets])
+        preds = []
+        for t in targets:
+            cand = candidates[t][idx]
+            if logq is None:
+                experts, votes = ranked_votes(cand, trace.num_experts[t])
+                preds.append((t, experts, [v / len(c.tokens) for v in votes]))
+                continue
+            q = torch.zeros(trace.num_experts[t], dtype=torch.float64)
+            q.scatter_add_(0, cand.reshape(-1), logq[t][:cand.shape[1]].expand_as(cand).reshape(-1).double())
+            conf = 1.0 - torch.exp(q)
+            order = torch.argsort(conf, descending=True, stable=True)
+            keep = order[conf[order] > 0]
+            preds.append((t, keep.tolist(), conf[keep].tolist()))
+        out.append(preds)
     return out
 
 
 def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: str = "none", *,
            candidates: dict[int, torch.Tensor] | None = None, issue: str = "layer",
-           predictions: list | None = None, per_call: list | None = None) -> ReplayResult:
+           predictions: list | None = None, per_call: list | None = None,
+           min_confidence: float = 0.0) -> ReplayResult:
     """Replay ``calls`` through an ``ExpertCache(policy)`` with ``slots`` slots.
 
-    ``predictor``: ``"none"`` (demand only), ``"oracle-distance"`` (predictive policy
-    hints = true next-use distance of every cached expert, no prefetch), or a name whose
-    prefetches are ``predictions`` (from :func:`call_predictions`) or computed from
-    ``candidates`` and ``issue`` (see :func:`call_predictions`). ``per_call``: a list that
-    receives ``(prefetch_loads, demand_loads)`` of every layer call (for cost models).
-    """
+    ``predictor``: ``"none"`` (demand only); ``"oracle-distance"`` (predictive policy hints
+    = true next-use distance of every cached expert, no prefetch: exactly MIN's loads);
+    ``"oracle"`` (the same true hints, and each call prefetches its true experts: an
+    optimal policy given the future); or a name whose prefetches are ``predictions`` (from
+    :func:`call_predictions`) or computed from ``candidates`` and ``issue``. Only
+    predictions with confidence ``>= min_confidence`` are prefetched (what is worth a load).
+    Prefetches never evict an expert predicted to be used no later than the prefetched one
+    (do no harm, in the cache). ``per_call``: a list that receives ``(prefetch_loads,
+    demand_loads)`` of every layer call (for cost models)."""
     store = ByteStore({l: trace.num_experts[l] for l in trace.layers})
-    oracle = predictor == "oracle-distance"
+    oracle = predictor in ("oracle-distance", "oracle")
     # oracle: every future use is hinted, so an unhinted expert is never used again
     strategy = PredictivePolicy(estimate_unhinted=False) if oracle else policy
-    cache = ExpertCache(store, slots, policy=strategy, prefetch="deferred", stats=RuntimeStats())
+    cache = ExpertCache(store, slots, policy=strategy, prefetch="deferred", stats=RuntimeStats(routing_limit=0))
+    if predictor == "oracle" and predictions is None:
+        predictions = [[(c.layer, c.active, [1.0] * len(c.active))] for c in calls]
     if predictions is None and candidates is not None and predictor not in ("none", "oracle-distance"):
         predictions = call_predictions(trace, calls, candidates, issue)
     uses = _next_uses(calls) if oracle else None
@@ -245,19 +288,23 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
         for i, c in enumerate(calls):
             if per_call is not None:
                 before = (cache.stats.prefetch_loads, cache.stats.demand_loads)
+            if oracle:
+                cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
+                _oracle_hints(cache, uses, i)
             if predictions is not None:
-                for t, ranked in predictions[i]:
+                for pred in predictions[i]:
+                    t, ranked = pred[0], pred[1]
+                    if min_confidence > 0 and len(pred) > 2:
+                        ranked = [e for e, p in zip(ranked, pred[2]) if p >= min_confidence]
                     if ranked:
                         cache.prefetch(t, ranked)
                 cache.run_prefetches()
             order = c.active
             if oracle:
-                cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
-                _oracle_hints(cache, uses, i)
-                resident = [e for e in c.active if cache.is_resident(c.layer, e)]
-                missing = sorted((e for e in c.active if e not in set(resident)),
+                resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
+                missing = sorted((e for e in c.active if e not in set(resident_now)),
                                  key=lambda e: -_next_after(uses, (c.layer, e), i))
-                order = resident + missing
+                order = resident_now + missing
             lease = cache.acquire_layer(c.layer, order, loads="lazy")
             try:
                 for e, _views in lease:
@@ -273,8 +320,9 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     finally:
         cache.close()
     tokens = len({t for c in calls for t in c.tokens})
-    return ReplayResult(policy, predictor, slots, s["hits"] + s["misses"], s["hits"] - s["inflight_waits"],
-                        s["demand_loads"] + s["prefetch_loads"], s["demand_loads"], s["prefetch_loads"], tokens)
+    return ReplayResult(policy if not oracle else "predictive", predictor, slots, s["uses"], s["resident"],
+                        s["resident"] + s["arrived"], s["loads"], s["demand_loads"], s["prefetch_loads"],
+                        s["wasted_loads"], tokens, min_loads(_as_pairs(calls), slots)[0])
 
 
 def _oracle_hints(cache: ExpertCache, uses, i: int) -> None:

@@ -1,53 +1,71 @@
-"""Runtime counters of the expert cache (thread-safe).
+"""Runtime counters of the expert cache (thread-safe), and the figures every report uses.
 
-Vocabulary: a **use** is one ``ExpertCache.acquire(layer, expert)`` call. Every
-use is exactly one of *hit* or *miss*, so ``hits + misses == uses``:
+The figures (the stats, ``expertflow run`` / ``bench`` / ``eval`` / ``simulate``, the replay
+and the benchmarks all use these and only these):
+
+uses
+    One use is one expert of one MoE layer call (``acquire_layer`` counts each distinct
+    expert once; ``acquire`` is a call of one expert).
+resident rate
+    ``resident / uses``: the expert was in the cache when its layer call began, and not
+    brought there by a speculative load still waiting for its first use - the classic
+    demand hit rate, comparable with Belady's MIN and with papers' hit rates.
+ready rate
+    ``(resident + arrived) / uses``: resident, or brought in by a speculative load (a
+    prefetch) that had landed by the time the call reached the expert - no wait, no load
+    of its own. ``ready >= resident``; with no prefetching they are equal.
+loads
+    Every transfer into a slot: ``demand_loads`` (a layer call's own misses, whoever reads
+    them: the caller, or the worker when ``queue_misses`` hands them to it - they are never
+    counted as prefetches) + ``prefetch_loads`` (speculative: issued by ``prefetch``).
+wasted loads
+    ``wasted_loads``: speculative loads that completed and were evicted before any use
+    (queued prefetches dropped before they were read are ``prefetch_cancelled``, not loads).
+stall seconds
+    Wall time layer calls spent blocked on data: waiting for in-flight loads plus doing
+    demand loads.
+MIN loads
+    Belady's MIN (:mod:`~expertflow_compile.runtime.belady`) on the layer calls this cache
+    served since the last reset, with the same slot count: the fewest loads any policy
+    could have made; ``loads_over_min = loads / min_loads``. Reported while the routing log
+    (``routing_limit`` layer calls, see :meth:`RuntimeStats.as_dict`) holds every call since
+    the reset; else ``None``.
+
+Counters kept (every use is exactly one of *hit* or *miss*, ``hits + misses == uses``):
 
 hits
-    Uses that did not read the expert themselves: it was resident, or a load of
-    it was already running (a prefetch the worker had started, or another
-    thread's demand load) and the use waited for it.
+    Uses that did not load the expert themselves: ``resident + arrived + inflight_waits``.
+resident, arrived
+    See the resident and ready rates above.
 inflight_waits
-    The subset of ``hits`` that found the expert still in flight and waited for
-    it (the prefetch was right but late). These are "not ready" uses.
+    Uses that found a speculative load still running and waited for it (right but late).
 misses
-    Uses that read the expert synchronously in the calling thread (a demand
-    load): it was not resident, or its prefetch was still queued (not started:
-    the use takes it over, see ``prefetch_late``), or its prefetch failed.
+    Uses whose expert this call loaded (a demand load): not resident, not in flight, or its
+    prefetch was still queued (taken over: ``prefetch_late``) or failed.
 prefetch_issued
-    Loads enqueued by ``prefetch`` (experts already resident or in flight are
-    not counted).
+    Speculative loads enqueued by ``prefetch`` (resident or in-flight experts not counted).
 prefetch_used
-    Prefetched experts that were used after the worker loaded them or while it
-    was loading them (first use after the prefetch).
+    Speculative loads used (ready, or waited for) at the first use after the prefetch.
 prefetch_late
-    Prefetched experts used while their load was still queued: the use loaded
-    them itself (counted as a miss). Right prediction, no time saved.
+    Prefetches still queued when needed: the use loaded them itself (a miss).
 prefetch_wasted
-    Prefetched experts evicted before any use, plus prefetches whose load failed.
+    Prefetches that moved no useful data: ``wasted_loads + prefetch_cancelled`` + failed.
 prefetch_failed
     Prefetch loads that raised (subset of ``prefetch_wasted``); see the log.
-demand_loads, prefetch_loads
-    Loads completed by each path; ``loads`` = their sum.
+demand_loads, prefetch_loads, wasted_loads, prefetch_cancelled
+    See loads and wasted loads above.
 bytes_moved
     Bytes copied from the expert store into cache slots (completed loads).
-stall_seconds
-    Wall time ``acquire`` spent blocked on data: waiting for in-flight loads plus
-    doing demand loads.
 evictions
     Resident experts dropped to make room.
-peak_cache_bytes
-    Largest number of bytes of slots allocated at once (``<= budget_bytes``).
-budget_bytes
-    The cache's budget: ``num_slots * slot_bytes``.
+peak_cache_bytes, budget_bytes
+    Largest number of bytes of slots allocated at once (``<= budget_bytes``); the budget
+    ``num_slots * slot_bytes``.
 
-Derived in :meth:`RuntimeStats.as_dict`: ``hit_rate = hits / (hits + misses)``,
-``ready_rate = (hits - inflight_waits) / uses`` (share of uses whose expert was
-resident and complete when needed), ``loads``, ``prefetch_precision =
-(prefetch_used + prefetch_late) / prefetch_issued`` (share of prefetches for
-experts that were then used). ``per_layer[layer]`` holds ``hits``, ``misses``,
-``inflight_waits``, ``prefetch_issued``, ``prefetch_used``, ``prefetch_late``,
-``prefetch_wasted``, ``bytes_moved`` for that MoE layer.
+Derived in :meth:`RuntimeStats.as_dict`: ``uses``, ``resident_rate``, ``ready_rate``,
+``loads``, ``speculative_loads`` (= ``prefetch_loads``), ``min_loads``, ``loads_over_min``,
+``prefetch_precision = (prefetch_used + prefetch_late) / prefetch_issued``.
+``per_layer[layer]`` holds the counters in ``LAYER_COUNTERS`` for that MoE layer.
 
 A failed ``acquire`` (it raised) counts as no use.
 """
@@ -56,25 +74,33 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["RuntimeStats"]
+from .belady import min_loads
+
+__all__ = ["RuntimeStats", "LAYER_COUNTERS", "ROUTING_LIMIT"]
 
 _COUNTERS = (
-    "hits", "misses", "inflight_waits", "prefetch_issued", "prefetch_used", "prefetch_late", "prefetch_wasted",
-    "prefetch_failed", "demand_loads", "prefetch_loads", "bytes_moved", "evictions",
+    "hits", "resident", "arrived", "misses", "inflight_waits", "prefetch_issued", "prefetch_used", "prefetch_late",
+    "prefetch_wasted", "prefetch_failed", "prefetch_cancelled", "demand_loads", "prefetch_loads", "wasted_loads",
+    "bytes_moved", "evictions",
 )
-_LAYER_COUNTERS = (
-    "hits", "misses", "inflight_waits", "prefetch_issued", "prefetch_used", "prefetch_late", "prefetch_wasted",
-    "bytes_moved",
+LAYER_COUNTERS = (
+    "hits", "resident", "arrived", "misses", "inflight_waits", "prefetch_issued", "prefetch_used", "prefetch_late",
+    "prefetch_wasted", "demand_loads", "prefetch_loads", "wasted_loads", "bytes_moved",
 )
+_LAYER_COUNTERS = LAYER_COUNTERS
+ROUTING_LIMIT = 100_000
 
 
 class RuntimeStats:
     """Thread-safe counters; see the module docstring for what each one means."""
 
-    def __init__(self):
+    def __init__(self, routing_limit: int = ROUTING_LIMIT):
         self._lock = threading.Lock()
         self.budget_bytes = 0
         self.current_cache_bytes = 0
+        self.num_slots = 0                # set by the cache: the slot count MIN is computed for
+        self.routing_limit = int(routing_limit)
+        self._min_cache: tuple | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -86,6 +112,18 @@ class RuntimeStats:
             self.stall_seconds = 0.0
             self.peak_cache_bytes = self.current_cache_bytes
             self.per_layer: dict[int, dict[str, int | float]] = {}
+            # the layer calls served since the reset, for MIN; None once more than routing_limit
+            self.routing: list | None = [] if self.routing_limit > 0 else None
+            self._min_cache = None
+
+    def log_call(self, layer: int, experts) -> None:
+        """Record one layer call's distinct experts (the cache calls it once per layer call)."""
+        log = self.routing
+        if log is not None:
+            if len(log) >= self.routing_limit:
+                self.routing = None
+            else:
+                log.append((layer, tuple(experts)))
 
     # -- recording (called by the cache)
 
@@ -122,20 +160,37 @@ class RuntimeStats:
             d["peak_cache_bytes"] = self.peak_cache_bytes
             d["budget_bytes"] = self.budget_bytes
             d["per_layer"] = {k: dict(v) for k, v in sorted(self.per_layer.items())}
+            routing = None if self.routing is None else list(self.routing)
         uses = d["hits"] + d["misses"]
         d["uses"] = uses
-        d["hit_rate"] = d["hits"] / uses if uses else 0.0
-        d["ready_rate"] = (d["hits"] - d["inflight_waits"]) / uses if uses else 0.0
+        d["resident_rate"] = d["resident"] / uses if uses else 0.0
+        d["ready_rate"] = (d["resident"] + d["arrived"]) / uses if uses else 0.0
         d["loads"] = d["demand_loads"] + d["prefetch_loads"]
+        d["speculative_loads"] = d["prefetch_loads"]
         issued = d["prefetch_issued"]
         d["prefetch_precision"] = (d["prefetch_used"] + d["prefetch_late"]) / issued if issued else 0.0
+        d["min_loads"] = self._min(routing)
+        d["loads_over_min"] = (d["loads"] / d["min_loads"]) if d["min_loads"] else None
+        d["num_slots"] = self.num_slots
         return d
+
+    def _min(self, routing) -> int | None:
+        """MIN loads of the logged calls (cached per log length and slot count)."""
+        if routing is None or not self.num_slots or not routing:
+            return None
+        key = (len(routing), self.num_slots)
+        if self._min_cache is not None and self._min_cache[0] == key:
+            return self._min_cache[1]
+        n = min_loads(routing, self.num_slots)[0]
+        self._min_cache = (key, n)
+        return n
 
     def __repr__(self) -> str:
         d = self.as_dict()
         return (
-            f"RuntimeStats(uses={d['uses']}, hit_rate={d['hit_rate']:.3f}, ready_rate={d['ready_rate']:.3f}, "
-            f"misses={d['misses']}, prefetch_issued={d['prefetch_issued']}, prefetch_used={d['prefetch_used']}, "
+            f"RuntimeStats(uses={d['uses']}, resident_rate={d['resident_rate']:.3f}, "
+            f"ready_rate={d['ready_rate']:.3f}, loads={d['demand_loads']}+{d['prefetch_loads']}, "
+            f"wasted_loads={d['wasted_loads']}, min_loads={d['min_loads']}, "
             f"bytes_moved={d['bytes_moved']}, stall_seconds={d['stall_seconds']:.4f}, "
             f"peak_cache_bytes={d['peak_cache_bytes']}, budget_bytes={d['budget_bytes']})"
         )

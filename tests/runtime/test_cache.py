@@ -320,7 +320,7 @@ def test_acquire_waits_for_an_inflight_load():
     cache.release(0, 1)
     s = cache.stats.as_dict()
     assert (s["hits"], s["misses"], s["inflight_waits"], s["prefetch_used"]) == (1, 0, 1, 1)
-    assert s["stall_seconds"] >= 0.1 and s["ready_rate"] == 0.0 and s["hit_rate"] == 1.0
+    assert s["stall_seconds"] >= 0.1 and s["ready_rate"] == 0.0 and s["resident_rate"] == 0.0
     cache.close()
 
 
@@ -515,7 +515,7 @@ def test_stats_object_is_shared_and_resettable():
     stats.reset()
     assert stats.misses == 0 and stats.budget_bytes == cache.budget_bytes
     assert stats.peak_cache_bytes == cache.slot_bytes       # what is allocated now
-    assert "hit_rate" in stats.as_dict() and "RuntimeStats(" in repr(stats)
+    assert "resident_rate" in stats.as_dict() and "RuntimeStats(" in repr(stats)
 
 
 def test_with_a_safetensors_store(tmp_path):

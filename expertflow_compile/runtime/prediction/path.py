@@ -332,6 +332,9 @@ def train_path_predictor(trace: RoutingTrace, model, epochs: int = 8, *, context
     pred = PathPredictor(net, layers=layers, num_experts=num_experts, top_k=top_k, context=context,
                          hidden_size=hidden_size, fingerprint=trace.fingerprint,
                          router_digest=router_digest([p for _, p in router_weights(model)]), extra=extra)
+    # without a validation split (a one-sequence trace) the training figures are still known
+    pred.metrics = {"validation_tokens": 0, "train_tokens": train_tr.num_tokens,
+                    "candidates": min(top_k + extra, num_experts), "steps": step, "per_layer": {}}
     if val_tr is not None:
         xv, _ = data(val_tr)
         cand = pred.candidates(xv, extra)
