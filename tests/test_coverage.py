@@ -31,8 +31,11 @@ CORE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", 
 # routing and a ModuleDict of Linear experts (switch_transformers).
 # Multimodal, with an image: Qwen3-VL-MoE (flattened patches + grid, M-RoPE) and ERNIE-4.5-VL
 # (text and vision expert groups in every layer, image tokens routed to the vision group).
+# Muse-Spark: a post-expert RMSNorm whose weight the matcher binds into the extracted
+# function; Step-3.7: a per-expert loop with a traceable form (both multimodal, text only).
 FAST_SAMPLE = ["granitemoeshared", "glm4_moe_lite", "jamba", "llama4_text", "qwen4_exp_text",
-               "deepseek_v4", "inkling_text", "switch_transformers", "qwen3_vl_moe", "ernie4_5_vl_moe"]
+               "deepseek_v4", "inkling_text", "switch_transformers", "qwen3_vl_moe", "ernie4_5_vl_moe",
+               "muse_spark", "step3p7"]
 MULTIMODAL_WITH_IMAGES = ["qwen3_vl_moe", "ernie4_5_vl_moe"]
 
 # Families whose MoE layers are not (all) rewritten today, with the reason the

@@ -673,8 +673,9 @@ def _unmatched_routers(graph: fx.Graph, used_routers: set[fx.Node]) -> list[Unma
                 continue
             if a in seen or a in used_routers:
                 break
-            if re.search(r"attn|attention", _scope_of(a) or "", re.I):
-                break   # a top-k inside attention (sparse-attention indexers) is not a router
+            if re.search(r"attn|attention|indexer|weights_proj", _scope_of(a) or "", re.I):
+                break   # a top-k inside attention (sparse-attention indexers and their per-head
+                #         weights_proj, traced as a frame of its own) is not a router
             if tensor_meta(a) is None or tensor_meta(a).shape[-1] != v.shape[0]:
                 continue
             seen.add(a)
