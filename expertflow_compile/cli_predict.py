@@ -72,7 +72,7 @@ def text_batches(tok, text: str, *, seq_len: int = 256, batch_size: int = 8, max
 
 
 def _load(path: str | None):
-    from .cli import _load_checkpoint, _shipped_or
+    from .cli_common import _load_checkpoint, _shipped_or
 
     return _load_checkpoint(_shipped_or(path))
 
@@ -80,7 +80,7 @@ def _load(path: str | None):
 def _batches(tok, text: str, text_arg: str, args, **kw):
     """text_batches with its user errors (too little text, a sequence longer than the model's
     context) named by argument."""
-    from .cli import CLIError
+    from .cli_common import CLIError
 
     try:
         return text_batches(tok, text, seq_len=args.seq_len, **kw)
@@ -89,7 +89,7 @@ def _batches(tok, text: str, text_arg: str, args, **kw):
 
 
 def _check_seq_len(model, args) -> None:
-    from .cli import CLIError
+    from .cli_common import CLIError
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and args.seq_len > limit:
@@ -210,7 +210,7 @@ def format_tables(result: dict) -> str:
 def cmd_trace(args) -> int:
     import torch
 
-    from .cli import _output_file, _read_text
+    from .cli_common import _output_file, _read_text
     from .runtime.trace import record_routing
 
     text = _read_text("TEXT", args.text)
@@ -230,7 +230,7 @@ def cmd_trace(args) -> int:
 def cmd_train(args) -> int:
     import time
 
-    from .cli import _existing_file, _load_trace, _output_file
+    from .cli_common import _existing_file, _load_trace, _output_file
     from .runtime.predictors import train_path_predictor
 
     _existing_file("TRACE", args.trace, "a routing trace (expertflow trace --out FILE)")
@@ -252,7 +252,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .cli import CLIError, _existing_file, _load_predictor, _load_trace, _output_file, _read_text
+    from .cli_common import CLIError, _existing_file, _load_predictor, _load_trace, _output_file, _read_text
     from .runtime.trace import record_routing
 
     if bool(args.trace) == bool(args.text):
@@ -288,7 +288,7 @@ def cmd_eval(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Register ``trace``, ``train-predictor`` and ``eval`` on the ``expertflow`` subparsers."""
-    from .cli import _nonneg_int, _positive_float, _positive_int
+    from .cli_common import _nonneg_int, _positive_float, _positive_int
 
     t = subparsers.add_parser("trace", help="record the routing of a text through a model (a routing trace file)")
     t.add_argument("text", metavar="TEXT", help="a UTF-8 text file (documents separated by <|endoftext|> lines)")

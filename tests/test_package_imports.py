@@ -1,0 +1,86 @@
+"""The package reads top-down: no import circle anywhere in ``expertflow_compile``.
+
+Every import of one package module by another, at module level or inside a function (a
+dependency too), is an edge: ``from X import y`` is an edge to ``X.y`` when that is a
+module, else to ``X``; ``from . import y`` of a sibling module is an edge to that module
+alone. The graph must be acyclic.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import expertflow_compile
+
+ROOT = pathlib.Path(expertflow_compile.__file__).parent
+PKG = "expertflow_compile"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = [p for p in path.relative_to(ROOT).with_suffix("").parts if p != "__init__"]
+    return ".".join([PKG, *parts])
+
+
+def _targets(module: str, is_pkg: bool, node, modules) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in modules}
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    if node.level:
+        base = base[:len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    out = set()
+    for a in node.names:
+        sub = f"{target}.{a.name}"
+        out.add(sub if sub in modules else target)
+    return {t for t in out if t in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges[name] |= _targets(name, path.name == "__init__.py", node, modules) - {name}
+    return edges
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in sorted(edges):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_the_checker_finds_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_circle_in_the_package():
+    edges = import_graph()
+    assert len(edges) > 40 and edges[f"{PKG}.cli"] >= {f"{PKG}.cli_common", f"{PKG}.cli_predict"}
+    cycle = find_cycle(edges)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
