@@ -29,6 +29,7 @@ shape and loads per use, best of 5.
 
     OMP_NUM_THREADS=1 python benchmarks/runtime_overhead.py                 # everything (~30 min)
     python benchmarks/runtime_overhead.py --shapes qwen3 --budgets 25%      # one shape, one budget
+    python benchmarks/runtime_overhead.py --merge a.json,b.json             # one table from runs per shape
 """
 
 from __future__ import annotations
@@ -141,12 +142,35 @@ def run_setting(base, name: str, budget: str | None, policy: str, predictor: str
     return row, logits
 
 
-def model_rows(shape: str, budgets, steps: int, log=print) -> list[dict]:
+def eager_logits(base, steps: int):
+    """The uncompiled model's logits at the measured steps (the reference of ``--no-resident``)."""
+    model = copy.deepcopy(base)
+    _, logits = decode(model, steps)
+    del model
+    gc.collect()
+    return logits
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``x_hf_*`` / ``x_ef_*``: each row over its shape's resident rows (when present)."""
+    for shape in {r["shape"] for r in rows}:
+        mine = [r for r in rows if r["shape"] == shape]
+        for ref_name, tag in (("hf-resident", "hf"), ("ef-resident", "ef")):
+            ref = next((r for r in mine if r["setting"] == ref_name), None)
+            for r in mine:
+                if ref is not None:
+                    r[f"x_{tag}_wall"], r[f"x_{tag}_cpu"] = r["wall_ms"] / ref["wall_ms"], r["cpu_ms"] / ref["cpu_ms"]
+
+
+def model_rows(shape: str, budgets, steps: int, log=print, policies=POLICIES, resident: bool = True,
+               on_row=None) -> list[dict]:
     base = build(shape)
     rows, ref = [], None
-    plan = [("hf-resident", None, "", ""), ("ef-resident", None, "", "")]
+    plan = [("hf-resident", None, "", ""), ("ef-resident", None, "", "")] if resident else []
+    if not resident:    # no ef-resident row here: compare with the uncompiled model instead
+        ref = eager_logits(base, steps)
     for b in budgets:
-        for policy, pred in POLICIES:
+        for policy, pred in policies:
             plan.append((policy if pred == "none" else f"{policy}+{pred}", b, policy, pred))
     for name, budget, policy, pred in plan:
         t0 = time.perf_counter()
@@ -155,15 +179,14 @@ def model_rows(shape: str, budgets, steps: int, log=print) -> list[dict]:
             ref = logits
         if ref is not None and name != "hf-resident":
             row["max_abs_diff"] = (logits - ref).abs().max().item()
+            row["reference"] = "ef-resident" if resident else "uncompiled"
         row["shape"] = shape
         rows.append(row)
         log(f"  {shape:<9}{row['budget']:>7} {name:<22}{row['wall_ms']:8.1f} ms wall {row['cpu_ms']:8.1f} ms cpu"
             f"  ({time.perf_counter() - t0:.0f} s)")
-    hf = next(r for r in rows if r["setting"] == "hf-resident")
-    efr = next(r for r in rows if r["setting"] == "ef-resident")
-    for r in rows:
-        r["x_hf_wall"], r["x_hf_cpu"] = r["wall_ms"] / hf["wall_ms"], r["cpu_ms"] / hf["cpu_ms"]
-        r["x_ef_wall"], r["x_ef_cpu"] = r["wall_ms"] / efr["wall_ms"], r["cpu_ms"] / efr["cpu_ms"]
+        if on_row is not None:
+            on_row(rows)
+    add_ratios(rows)
     return rows
 
 
@@ -211,16 +234,22 @@ def format_tables(rows: list[dict], crows: list[dict]) -> str:
         hit = f"{r['resident_rate']:.2f}" if "resident_rate" in r else "-"
         same = "-" if "max_abs_diff" not in r else ("equal" if r["max_abs_diff"] == 0 else
                                                     f"max diff {r['max_abs_diff']:.1e}")
+        if r.get("reference") == "uncompiled" and same != "-":
+            same += " (vs the uncompiled model)"
+        xr = {k: (f"{r[k]:.2f}" if k in r else "?") for k in ("x_hf_wall", "x_hf_cpu", "x_ef_wall", "x_ef_cpu")}
         lines.append(f"| {SHAPE_NAMES[r['shape']]} | {r['budget']} | {r['setting']} | {r['wall_ms']:.1f} | "
-                     f"{r['cpu_ms']:.1f} | {r['x_hf_wall']:.2f} / {r['x_hf_cpu']:.2f} | "
-                     f"{r['x_ef_wall']:.2f} / {r['x_ef_cpu']:.2f} | {loads} | {hit} | {same} |")
+                     f"{r['cpu_ms']:.1f} | {xr['x_hf_wall']} / {xr['x_hf_cpu']} | "
+                     f"{xr['x_ef_wall']} / {xr['x_ef_cpu']} | {loads} | {hit} | {same} |")
     if crows:
         lines += ["", "| cache alone | policy | us per use (CPU) | loads/use |", "|---|---|---|---|"]
         for c in crows:
             lines.append(f"| {c['slots']} slots ({c['shape']}) | {c['policy']} | {c['us_per_use']:.2f} | "
                          f"{c['loads_per_use']:.2f} |")
         for policy in ("lru", "lfu", "predictive"):
-            a, b = (c for c in crows if c["policy"] == policy)
+            pair = [c for c in crows if c["policy"] == policy]
+            if len(pair) != 2:
+                continue
+            a, b = pair
             lines.append(f"| 3,712 / 64 slots | {policy} | {b['us_per_use'] / a['us_per_use']:.2f}x | |")
     return "\n".join(lines)
 
@@ -231,25 +260,58 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="12.5%,25%,50%")
     ap.add_argument("--steps", type=int, default=32, help="measured decode steps per setting")
     ap.add_argument("--no-cache-bench", action="store_true")
+    ap.add_argument("--policies", default=",".join(p if q == "none" else f"{p}+{q}" for p, q in POLICIES),
+                    help="comma-separated settings: lru, lfu, predictive+lookahead")
+    ap.add_argument("--no-resident", action="store_true", help="leave out the two resident rows (logits are "
+                    "then compared with the uncompiled model; --merge takes the ratios from another run's)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "runtime_overhead.json"))
+    ap.add_argument("--merge", metavar="JSON,...", help="print (and write to --json) one table from the "
+                    "JSON files of separate runs (e.g. one run per shape, in parallel), then exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        parts = []
+        for path in (p.strip() for p in args.merge.split(",") if p.strip()):
+            with open(path) as f:
+                parts.append(json.load(f))
+        merged = {"rows": [r for d in parts for r in d["rows"]], "cache": [c for d in parts for c in d["cache"]],
+                  "steps": sorted({d["steps"] for d in parts}), "budgets": parts[0]["budgets"] if parts else []}
+        add_ratios(merged["rows"])     # runs of one shape: over that shape's resident rows, wherever measured
+        print(f"runtime overhead, CPU, 1 thread, {'/'.join(map(str, merged['steps']))} measured decode steps "
+              f"per setting (merged from {len(parts)} runs)")
+        print(format_tables(merged["rows"], merged["cache"]))
+        with open(args.json, "w") as f:
+            json.dump(merged, f, indent=1)
+        print(f"wrote {args.json}")
+        return 0
     torch.set_num_threads(1)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     bad = [s for s in shapes if s not in SHAPES]
     if bad:
         ap.error(f"unknown shapes {bad}; known: {', '.join(SHAPES)}")
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    known = {p if q == "none" else f"{p}+{q}": (p, q) for p, q in POLICIES}
+    wanted = [x.strip() for x in args.policies.split(",") if x.strip()]
+    if any(w not in known for w in wanted):
+        ap.error(f"unknown policies {[w for w in wanted if w not in known]}; known: {', '.join(known)}")
+    policies = [known[w] for w in wanted]
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+
+    def save(rows, crows=(), partial=True):    # after every setting: a run cut short keeps its rows
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "cache": list(crows), "steps": args.steps, "budgets": budgets,
+                       "partial": partial}, f, indent=1)
+
     t0 = time.perf_counter()
     rows = []
     for shape in shapes:
-        rows += model_rows(shape, budgets, args.steps)
+        done = list(rows)
+        rows += model_rows(shape, budgets, args.steps, policies=policies, resident=not args.no_resident,
+                           on_row=lambda r, done=done: save(done + r))
     crows = [] if args.no_cache_bench else cache_rows()
     print(f"\nruntime overhead, CPU, 1 thread, {args.steps} measured decode steps per setting "
           f"({time.perf_counter() - t0:.0f} s in all)")
     print(format_tables(rows, crows))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"rows": rows, "cache": crows, "steps": args.steps, "budgets": budgets}, f, indent=1)
+    save(rows, crows, partial=False)
     print(f"wrote {args.json}")
     return 0
 
