@@ -47,3 +47,31 @@ def assert_fp32_close(out, ref):
     scale = ref.float().abs().max().item()
     diff = max_diff(out, ref)
     assert diff <= 1e-5 * scale, f"max |diff| {diff:.3g} > 1e-5 x {scale:.3g}"
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A circle in an import graph (``module -> modules it imports``) as a path ending where it
+    began, or None when the graph is acyclic."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        state[n] = 2
+        stack.pop()
+        return None
+
+    for n in sorted(edges):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None

@@ -12,6 +12,7 @@ import ast
 import pathlib
 
 import expertflow_compile
+from helpers import find_cycle
 
 ROOT = pathlib.Path(expertflow_compile.__file__).parent
 PKG = "expertflow_compile"
@@ -46,32 +47,6 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 edges[name] |= _targets(name, path.name == "__init__.py", node, modules) - {name}
     return edges
-
-
-def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n):
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(edges[n]):
-            if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
-            if m not in state:
-                found = visit(m)
-                if found:
-                    return found
-        state[n] = 2
-        stack.pop()
-        return None
-
-    for n in sorted(edges):
-        if n not in state:
-            found = visit(n)
-            if found:
-                return found
-    return None
 
 
 def test_the_checker_finds_a_circle():

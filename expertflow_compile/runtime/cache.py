@@ -844,16 +844,23 @@ class ExpertCache:
 
     # ------------------------------------------------------------ internals: victims (lock held)
 
-    def _find_victim(self, skip, *, demand: bool) -> _Slot | None:
-        """A FREE slot to load into: a free one, a new one within budget, or one evicted per
-        policy. ``demand``: may also evict a protected prefetch or cancel a queued one.
-        None: nothing can be freed now (wait, or give up for a prefetch)."""
+    def _unused_slot(self) -> _Slot | None:
+        """A free slot, or a new one while the budget has room; None when every slot holds an expert."""
         if self._free:
             return self._free.pop()
         if len(self._slots) < self.num_slots:
             slot = _Slot(len(self._slots))
             self._slots.append(slot)
             self.stats.set_cache_bytes(len(self._slots) * self.slot_bytes)
+            return slot
+        return None
+
+    def _find_victim(self, skip, *, demand: bool) -> _Slot | None:
+        """A FREE slot to load into: a free one, a new one within budget, or one evicted per
+        policy. ``demand``: may also evict a protected prefetch or cancel a queued one.
+        None: nothing can be freed now (wait, or give up for a prefetch)."""
+        slot = self._unused_slot()
+        if slot is not None:
             return slot
         victim = self.strategy.victim(skip or ())
         if victim is None and demand:
@@ -999,12 +1006,8 @@ class ExpertCache:
         """A FREE slot for a missing expert: free, new, or evicted per policy (never an expert
         in ``skip``); ``demand``: a protected prefetch, else a queued one, as a last resort.
         ``harm_limit``: evict only a victim whose predicted next use is further away."""
-        if self._free:
-            return self._free.pop()
-        if len(self._slots) < self.num_slots:
-            slot = _Slot(len(self._slots))
-            self._slots.append(slot)
-            self.stats.set_cache_bytes(len(self._slots) * self.slot_bytes)
+        slot = self._unused_slot()
+        if slot is not None:
             return slot
         victim = self.strategy.victim(skip or ())
         if victim is not None and harm_limit is not None and self.strategy.next_use(victim) <= harm_limit:

@@ -24,6 +24,7 @@ import expertflow_compile.ops  # noqa: F401 - registers torch.ops.expertflow
 from expertflow_compile.passes.match import find_moe_blocks
 from expertflow_compile.passes.rewrite import rewrite_moe_block
 from expertflow_compile.passes.verify import check_blocks
+from helpers import count
 
 
 class Experts(nn.Module):
@@ -133,13 +134,7 @@ def capture(module: nn.Module, *inputs) -> tuple[fx.GraphModule, list, dict]:
     return gm, example, values
 
 
-def op_count(gm: fx.GraphModule, *targets) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
-
-
-BMM = (torch.bmm, torch.ops.aten.bmm.default)
 GROUPED = torch.ops.expertflow.grouped_gemm.default
-TOPK = (torch.topk, torch.ops.aten.topk.default)
 
 configs = st.fixed_dictionaries({
     "E": st.integers(2, 12), "H": st.sampled_from([8, 16, 32]), "I": st.sampled_from([8, 24]),
@@ -213,18 +208,17 @@ def test_rewrite_replaces_the_dispatch_and_keeps_the_routing(cfg):
     module, x = _build(cfg)
     gm, _, _ = capture(module, x)
     block = find_moe_blocks(gm).blocks[0]
-    topk_before, bmm_before = op_count(gm, *TOPK), op_count(gm, *BMM)
-    assert (op_count(gm, GROUPED), bmm_before) == (0, 2)
+    topk_before, bmm_before = count(gm, "topk"), count(gm, "bmm")
+    assert (count(gm, "grouped_gemm"), bmm_before) == (0, 2)
     out = rewrite_moe_block(gm, block, engine_id=0, width=cfg["K"])
     gm.graph.lint()
     assert out.target is GROUPED
-    assert op_count(gm, GROUPED) == 1 and op_count(gm, *BMM) == 0
-    assert op_count(gm, *TOPK) == topk_before   # routing nodes unchanged
+    assert count(gm, "grouped_gemm") == 1 and count(gm, "bmm") == 0
+    assert count(gm, "topk") == topk_before   # routing nodes unchanged
     assert block.topk_ids in gm.graph.nodes and block.topk_weights in gm.graph.nodes
     assert out.args[0] is block.hidden and out.args[1] is block.topk_weights
-    for op in (torch.ops.expertflow.predict.default, torch.ops.expertflow.prefetch.default,
-               torch.ops.expertflow.permute.default):
-        assert op_count(gm, op) == 1
+    for op in ("predict", "prefetch", "permute"):
+        assert count(gm, op) == 1
 
 
 def test_rewrite_of_two_layers_gives_one_grouped_gemm_each():
@@ -233,7 +227,7 @@ def test_rewrite_of_two_layers_gives_one_grouped_gemm_each():
     for b in find_moe_blocks(gm).blocks:
         rewrite_moe_block(gm, b, engine_id=0, width=2)
     gm.graph.lint()
-    assert op_count(gm, GROUPED) == 2 and op_count(gm, *BMM) == 0
+    assert count(gm, "grouped_gemm") == 2 and count(gm, "bmm") == 0
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])

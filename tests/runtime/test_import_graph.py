@@ -10,6 +10,7 @@ import importlib
 import pathlib
 
 import expertflow_compile.runtime as runtime
+from helpers import find_cycle
 
 ROOT = pathlib.Path(runtime.__file__).parent
 PKG = "expertflow_compile.runtime"
@@ -49,36 +50,11 @@ def _graph() -> dict[str, set[str]]:
     return edges
 
 
-def _cycle(edges):
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(n):
-        state[n] = 1
-        stack.append(n)
-        for m in sorted(edges[n]):
-            if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
-            if m not in state:
-                found = visit(m)
-                if found:
-                    return found
-        stack.pop()
-        state[n] = 2
-        return None
-
-    for n in sorted(edges):
-        if n not in state:
-            found = visit(n)
-            if found:
-                return found
-    return None
-
-
 def test_no_import_circle_in_the_runtime():
     edges = _graph()
     assert f"{PKG}.engine" in edges and f"{PKG}.prediction.path" in edges   # the walk sees the package
-    assert _cycle(edges) is None, " -> ".join(_cycle(edges))
+    cycle = find_cycle(edges)
+    assert cycle is None, " -> ".join(cycle)
 
 
 def test_prediction_and_lower_layers_do_not_import_the_engine():
