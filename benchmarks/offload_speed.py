@@ -1,6 +1,6 @@
 """Decode speed and expert memory, side by side, one run, same model and prompts.
 
-Modes (each in its own subprocess, 1 thread, compile excluded; see expertflow_compile/bench.py):
+Modes (each in its own subprocess, 1 thread, compile excluded; see expertflow_compile/tools/bench.py):
   hf-resident      plain HF model, every expert in memory (the reference)
   hf-accelerate    HF + accelerate disk offload (device_map with a CPU memory cap + offload_folder)
   ef-lru           expertflow, experts on disk, LRU cache, no prediction
@@ -45,7 +45,7 @@ def _medium_checkpoint(workdir: str) -> str:
 
 
 def main() -> int:
-    from expertflow_compile import bench
+    from expertflow_compile.tools import bench
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["shipped", "medium"], default="shipped")

@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     import torch
 
     from expertflow_compile.assets import DEFAULT_MODEL, HELDOUT_TEXT, SHIPPED_MODELS, shipped_model_path
-    from expertflow_compile.cli import _load_checkpoint
-    from expertflow_compile.cli_predict import (DOC_SEPARATOR, evaluate, format_tables, text_batches,
+    from expertflow_compile.cli.main import _load_checkpoint
+    from expertflow_compile.cli.predict import (DOC_SEPARATOR, evaluate, format_tables, text_batches,
                                                 training_documents)
-    from expertflow_compile.runtime.predictors import PathPredictor, train_path_predictor
+    from expertflow_compile.runtime.prediction import PathPredictor, train_path_predictor
     from expertflow_compile.runtime.trace import RoutingTrace, record_routing
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -193,7 +193,7 @@ def model_rows(shape: str, budgets, steps: int, log=print, policies=POLICIES, re
 def cache_rows(repeats: int = 5) -> list[dict]:
     """Per-use cost of the cache alone at 64 and 3,712 slots (module docstring)."""
     from expertflow_compile.runtime.cache import ExpertCache
-    from expertflow_compile.runtime.replay import ByteStore
+    from expertflow_compile.tools.replay import ByteStore
 
     out = []
     for layers, experts, top_k in ((8, 32, 8), (58, 256, 8)):

@@ -50,8 +50,8 @@ def heldout_prompts(tok, n: int, length: int, seed: int = 0) -> list[torch.Tenso
 def run_schedule(model, prompts, batch_size: int, schedule: str, pool: int, new_tokens: int) -> dict:
     """One schedule over all prompts; counts from the engine's recorder and stats."""
     import expertflow_compile as ef
-    from expertflow_compile.regroup import generate_regrouped
-    from expertflow_compile.schedule import _engine_of, form_batches, generate_batched, routing_signatures
+    from expertflow_compile.tools.regroup import generate_regrouped
+    from expertflow_compile.tools.schedule import _engine_of, form_batches, generate_batched, routing_signatures
 
     engine = _engine_of(model, prompts[0])
     distinct: list[int] = []
@@ -104,9 +104,9 @@ def in_layer_ordering(path: str, prompts, new_tokens: int, link: str) -> list[di
     """Stall time with resident experts computed first vs expert-id order, one batch,
     budget 50%, over an EMULATED link (loads sleep bytes / bandwidth)."""
     import expertflow_compile as ef
-    from expertflow_compile.bench import ThrottledStore, parse_bandwidth
+    from expertflow_compile.tools.bench import ThrottledStore, parse_bandwidth
     from expertflow_compile.runtime.engine import engines_for_module
-    from expertflow_compile.schedule import generate_batched
+    from expertflow_compile.tools.schedule import generate_batched
 
     rows = []
     for resident_first in (False, True):
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             model = ef.from_pretrained(path, dtype=torch.float32)
             model.compile(backend="expertflow", options={"expert_budget": budget})
             run_schedule(model, warm, args.batch_size, schedule, pool, 3)   # warm-up: compile outside the run
-            from expertflow_compile.schedule import _engine_of
+            from expertflow_compile.tools.schedule import _engine_of
 
             num_experts = max(p.num_experts for p in _engine_of(model).layers.values())
             r = run_schedule(model, prompts, args.batch_size, schedule, pool, args.new_tokens)

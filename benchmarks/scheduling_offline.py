@@ -46,7 +46,7 @@ def record_alone(model, prompts, new_tokens: int) -> list[dict]:
     tokens [T] and decode routing [T, L, K] (T = new_tokens - 1 decode forwards)."""
     from tqdm import tqdm
 
-    from expertflow_compile.schedule import _engine_of
+    from expertflow_compile.tools.schedule import _engine_of
 
     engine = _engine_of(model, prompts[0])
     layers = sorted(engine.layers)
@@ -103,8 +103,8 @@ def _best_split(hot: torch.Tensor, rows: list[int]) -> list[list[int]]:
 
 def simulate(traces, batch_size: int, pool_batches: int, num_experts: int, top_k: int, layers: list[int]) -> dict:
     """Mean distinct experts per group per layer per decode step under each grouping."""
-    from expertflow_compile.regroup import _Signatures
-    from expertflow_compile.schedule import form_batches
+    from expertflow_compile.tools.regroup import _Signatures
+    from expertflow_compile.tools.schedule import form_batches
 
     dec = torch.stack([_hot(t["decode"], num_experts) for t in traces])        # [N, T, L, E]
     n, steps = dec.shape[:2]
@@ -150,7 +150,7 @@ def simulate(traces, batch_size: int, pool_batches: int, num_experts: int, top_k
 
 def predictivity(traces, num_experts: int, top_k: int, layers: list[int]) -> dict:
     """How well signatures predict decode routing."""
-    from expertflow_compile.regroup import _Signatures
+    from expertflow_compile.tools.regroup import _Signatures
 
     n = len(traces)
     pre = torch.stack([_share(_hot(t["prefill"], num_experts).sum(1)) for t in traces])
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     import expertflow_compile as ef
-    from expertflow_compile.schedule import _engine_of
+    from expertflow_compile.tools.schedule import _engine_of
     from scheduling import heldout_prompts
 
     torch.set_num_threads(1)

@@ -6,7 +6,7 @@ grouped-GEMM nodes served by an expert cache. See the README.
 """
 
 from .api import explain, reset_stats, stats
-from .backend import expertflow_backend
+from .compiler.backend import expertflow_backend
 from .config import ExpertFlowConfig
 from .errors import InferenceOnlyError, OptionError
 from .loading import from_pretrained

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .backend import collect_reports, expertflow_backend
+from .compiler.backend import collect_reports, expertflow_backend
 from .config import ExpertFlowConfig
-from .passes.report import ExplainReport
+from .compiler.passes.report import ExplainReport
 from .runtime.engine import engines_for_module
-from .traceable import mark_expertflow_backend
+from .compiler.traceable import mark_expertflow_backend
 
 __all__ = ["explain", "stats", "reset_stats"]
 

@@ -39,8 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from expertflow_compile import stats  # noqa: E402
-from expertflow_compile.backend import collect_reports  # noqa: E402
-from expertflow_compile.passes.report import ExplainReport  # noqa: E402
+from expertflow_compile.compiler.backend import collect_reports  # noqa: E402
+from expertflow_compile.compiler.passes.report import ExplainReport  # noqa: E402
 from expertflow_compile.testing.checkpoints import check_loads_from_checkpoint  # noqa: E402
 from expertflow_compile.testing.families import (  # noqa: E402
     build_tiny_family, count_moe_layers, discover_all_moe_families, expert_groups_per_layer, family_head,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from expertflow_compile.backend import expertflow_backend
+from expertflow_compile.compiler.backend import expertflow_backend
 
 DISPATCH_OPS = ("grouped_mm_fallback", "_grouped_mm", "grouped_mm", "bmm")
 

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from expertflow_compile.cli import main
+from expertflow_compile.cli.main import main
 
 
 def test_graph_prints_every_layer(capsys):
@@ -141,7 +141,7 @@ def test_trace_train_predictor_eval_on_the_shipped_model(tmp_path, capsys):
     stands in for training text here: this checks the plumbing, not the predictor)."""
     import os
 
-    from expertflow_compile.runtime.predictors import PathPredictor
+    from expertflow_compile.runtime.prediction import PathPredictor
     from expertflow_compile.runtime.trace import RoutingTrace
 
     text = os.path.join(os.path.dirname(__file__), "..", "expertflow_compile", "assets", "heldout.txt")
@@ -177,13 +177,13 @@ def test_bench_without_matplotlib_writes_table_and_json(tmp_path, capsys, monkey
 def test_bench_drops_default_accelerate_mode_without_accelerate(monkeypatch, capsys, tmp_path):
     """Without accelerate (the bench extra), an explicit hf-accelerate mode is refused and the
     default mode list leaves it out with a note."""
-    from expertflow_compile import cli
+    from expertflow_compile.cli import main as cli
 
     monkeypatch.setattr(cli, "_importable", lambda name: name != "accelerate")
     assert main(["bench", "--modes", "hf-accelerate"]) == 2
     assert "needs the accelerate package" in capsys.readouterr().err
     calls = []
-    monkeypatch.setattr("expertflow_compile.bench.run_bench", lambda path, budgets, modes, *a, **k: calls.append(modes) or [])
+    monkeypatch.setattr("expertflow_compile.tools.bench.run_bench", lambda path, budgets, modes, *a, **k: calls.append(modes) or [])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["bench", "--out", str(tmp_path)]) == 0
     assert calls == [["hf-resident", "ef-lru", "ef-lookahead", "ef-predictive-lookahead"]]

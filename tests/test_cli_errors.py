@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from expertflow_compile.cli import SHIPPED_MODEL, main
+from expertflow_compile.cli.main import SHIPPED_MODEL, main
 
 HELDOUT = os.path.join(os.path.dirname(SHIPPED_MODEL), "heldout.txt")
 

@@ -133,4 +133,4 @@ def test_backend_registered_by_entry_point_without_import():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "expertflow_compile.backend" in out.stdout
+    assert "expertflow_compile.compiler.backend" in out.stdout

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from expertflow_compile import stats
-from expertflow_compile.backend import collect_reports
-from expertflow_compile.passes.report import ExplainReport
+from expertflow_compile.compiler.backend import collect_reports
+from expertflow_compile.compiler.passes.report import ExplainReport
 from expertflow_compile.testing.families import (IMAGE_INPUTS, build_tiny_family, discover_all_moe_families,
                                                  discover_moe_families, expert_groups, family_inputs)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import expertflow_compile as ef
-from expertflow_compile.backend import expertflow_backend
+from expertflow_compile.compiler.backend import expertflow_backend
 from expertflow_compile.testing.tiny_models import build_tiny_model
 
 

@@ -25,7 +25,7 @@ import torch
 
 import expertflow_compile as ef
 from expertflow_compile.api import engines_for_module
-from expertflow_compile.fallback import FellBackWarning
+from expertflow_compile.compiler.fallback import FellBackWarning
 from expertflow_compile.testing.checkpoints import save_hub_layout
 from expertflow_compile.testing.tiny_models import build_tiny_model
 
@@ -136,7 +136,7 @@ def test_default_recompile_limit_workload_stays_exact():
 def test_a_per_model_recompile_limit_keeps_every_style_compiled():
     """The documented fix: ``model.compile(..., recompile_limit=64)`` (no global setting):
     all eleven styles compile (no fallback warning) within a bounded number of graphs."""
-    from expertflow_compile.backend import expertflow_backend
+    from expertflow_compile.compiler.backend import expertflow_backend
 
     model = build_tiny_model("mixtral")
     styles = _styles(model.config.vocab_size)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from expertflow_compile import ops  # noqa: F401
+from expertflow_compile.compiler import ops  # noqa: F401
 from expertflow_compile.config import ExpertFlowConfig
 from expertflow_compile.kernels.reference import ExpertMath, grouped_experts_reference
 from expertflow_compile.runtime.engine import ExpertEngine, LayerPlan

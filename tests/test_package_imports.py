@@ -56,6 +56,27 @@ def test_the_checker_finds_a_circle():
 
 def test_no_import_circle_in_the_package():
     edges = import_graph()
-    assert len(edges) > 40 and edges[f"{PKG}.cli"] >= {f"{PKG}.cli_common", f"{PKG}.cli_predict"}
+    assert len(edges) > 40 and edges[f"{PKG}.cli.main"] >= {f"{PKG}.cli.common", f"{PKG}.cli.predict"}
     cycle = find_cycle(edges)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+# The package's top level: the public API modules and the wings, nothing else.
+API_MODULES = {"__init__.py", "api.py", "config.py", "errors.py"}
+WINGS = {"compiler", "runtime", "loading", "kernels", "tools", "cli", "testing", "assets"}
+
+
+def test_top_level_holds_only_the_api_and_the_wings():
+    modules = {p.name for p in ROOT.glob("*.py")}
+    packages = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert modules == API_MODULES, f"loose modules at the top level: {sorted(modules - API_MODULES)}"
+    assert packages == WINGS, f"unexpected packages: {sorted(packages ^ WINGS)}"
+
+
+def test_the_library_never_imports_the_tools_or_the_cli():
+    edges = import_graph()
+    offline = (f"{PKG}.tools", f"{PKG}.cli")
+    library = [m for m in edges if not m.startswith(offline) and not m.startswith(f"{PKG}.testing")]
+    for module in library:
+        bad = {t for t in edges[module] if t.startswith(offline)}
+        assert not bad, f"{module} imports {sorted(bad)}"

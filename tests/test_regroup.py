@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from expertflow_compile.regroup import GROUP_BY, PooledKV, _Signatures, generate_regrouped, order_groups
-from expertflow_compile.schedule import form_batches
+from expertflow_compile.tools.regroup import GROUP_BY, PooledKV, _Signatures, generate_regrouped, order_groups
+from expertflow_compile.tools.schedule import form_batches
 from expertflow_compile.testing.tiny_models import build_tiny_model
 
 

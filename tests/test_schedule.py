@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from expertflow_compile.schedule import _expert_sets, batch_cost, form_batches, generate_batched
+from expertflow_compile.tools.schedule import _expert_sets, batch_cost, form_batches, generate_batched
 from expertflow_compile.testing.tiny_models import build_tiny_model
 
 

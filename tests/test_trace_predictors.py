@@ -7,10 +7,11 @@ from hypothesis import strategies as st
 
 from expertflow_compile import record_routing
 from expertflow_compile.runtime.engine import engines_for_module
-from expertflow_compile.runtime.predictors import (PathPredictor, _embeddings, make_predictor, path_features,
-                                                   prediction_metrics, train_path_predictor)
-from expertflow_compile.runtime.replay import (belady_min, bypass_bound, candidate_sets, layer_calls, replay,
-                                               slots_for_share)
+from expertflow_compile.runtime.prediction import (PathPredictor, make_predictor, path_features, prediction_metrics,
+                                                   train_path_predictor)
+from expertflow_compile.runtime.prediction.path import _embeddings
+from expertflow_compile.tools.replay import (belady_min, bypass_bound, candidate_sets, layer_calls, replay,
+                                             slots_for_share)
 from expertflow_compile.runtime.trace import RoutingTrace, fingerprint
 from expertflow_compile.testing.tiny_models import build_tiny_model
 

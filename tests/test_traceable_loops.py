@@ -1,6 +1,6 @@
 """MoE families whose experts only have a per-expert Python loop (JetMoE, LongCat-Flash,
 DBRX): under ``backend="expertflow"`` Dynamo traces the loop-free forms of
-``expertflow_compile/traceable.py`` (one graph, same logits, same tokens); eager and
+``expertflow_compile/compiler/traceable.py`` (one graph, same logits, same tokens); eager and
 any other backend still run the original loop."""
 
 import collections
@@ -11,8 +11,8 @@ import torch
 from helpers import assert_fp32_close
 
 from expertflow_compile import stats, traceable
-from expertflow_compile.backend import collect_reports, expertflow_backend
-from expertflow_compile.passes.report import ExplainReport
+from expertflow_compile.compiler.backend import collect_reports, expertflow_backend
+from expertflow_compile.compiler.passes.report import ExplainReport
 from expertflow_compile.testing.families import build_tiny_family, count_moe_layers
 
 FAMILIES = ["jetmoe", "longcat_flash", "dbrx"]

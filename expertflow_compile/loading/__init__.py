@@ -43,7 +43,7 @@ import os
 
 import torch
 
-from ..fallback import fell_back_message, fixes, in_compiled_region, routes_eagerly
+from ..compiler.fallback import fell_back_message, fixes, in_compiled_region, routes_eagerly
 from ..runtime.engine import attach_store, engines_for_module
 from ..runtime.store import safetensors_index
 from .convert import ConversionRefused

@@ -1,6 +1,6 @@
 """The expertflow runtime: host store, budgeted device cache, prefetcher, stats.
 
-No FX/graph code lives here; the custom ops in ``expertflow_compile.ops`` call it.
+No FX/graph code lives here; the custom ops in ``expertflow_compile.compiler.ops`` call it.
 """
 
 from .budget import Budget, format_bytes, parse_budget

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-import expertflow_compile.ops  # noqa: E402, F401  (registers expertflow::permute)
+import expertflow_compile.compiler.ops  # noqa: E402, F401  (registers expertflow::permute)
 from expertflow_compile.kernels import triton_moe as tm  # noqa: E402
 from expertflow_compile.kernels.activations import (  # noqa: E402
     GLU_KINDS, KIND_NAMES, PLAIN_KINDS, ActivationKind, apply_activation, classify_gate_fn,

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import expertflow_compile.ops  # noqa: F401 - registers torch.ops.expertflow
-from expertflow_compile.passes.match import find_moe_blocks
-from expertflow_compile.passes.rewrite import rewrite_moe_block
-from expertflow_compile.passes.verify import check_blocks
+import expertflow_compile.compiler.ops  # noqa: F401 - registers torch.ops.expertflow
+from expertflow_compile.compiler.passes.match import find_moe_blocks
+from expertflow_compile.compiler.passes.rewrite import rewrite_moe_block
+from expertflow_compile.compiler.passes.verify import check_blocks
 from helpers import count
 
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from expertflow_compile.runtime.belady import min_loads
 from expertflow_compile.runtime.cache import ExpertCache
-from expertflow_compile.runtime.replay import ByteStore
+from expertflow_compile.tools.replay import ByteStore
 from expertflow_compile.runtime.stats import RuntimeStats
 
 # one layer, 3 experts, 2 slots: 0 1 | 2 | 0 | 1

@@ -1,6 +1,6 @@
 """What the ``expertflow`` subcommands share: the one-line error (:class:`CLIError`), argument
-types, file checks, and loading a shipped model or a checkpoint. ``cli.py`` (the commands
-and the parser) and ``cli_predict.py`` (trace / train-predictor / eval) both import it; it
+types, file checks, and loading a shipped model or a checkpoint. ``main.py`` (the commands
+and the parser) and ``predict.py`` (trace / train-predictor / eval) both import it; it
 imports neither.
 """
 
@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+
+from ..assets import shipped_model_path
+
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
@@ -92,7 +95,7 @@ def _read_text(arg: str, path: str) -> str:
 
 def _load_trace(arg: str, path: str, model=None):
     """A routing trace file (refused when recorded on another model, with ``model``)."""
-    from .runtime.trace import RoutingTrace
+    from ..runtime.trace import RoutingTrace
 
     _existing_file(arg, path, "a routing trace (expertflow trace --out FILE)")
     try:
@@ -105,7 +108,7 @@ def _load_trace(arg: str, path: str, model=None):
 
 
 def _load_predictor(arg: str, path: str, model):
-    from .runtime.predictors import PathPredictor
+    from ..runtime.prediction import PathPredictor
 
     _existing_file(arg, path, "a path-predictor file (expertflow train-predictor --out FILE)")
     try:
@@ -114,13 +117,13 @@ def _load_predictor(arg: str, path: str, model):
         raise CLIError(f"{arg} {path!r} is not a usable path predictor ({_first_line(exc)})") from None
 
 
-SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "tiny_mixtral")
+SHIPPED_MODEL = shipped_model_path()   # the default shipped model (expertflow_compile.assets.DEFAULT_MODEL)
 
 
 def _shipped_or(path: str | None) -> str:
     """``--model``: a shipped model's short name (``expertflow_compile.assets.SHIPPED_MODELS``),
     a checkpoint directory, or None (the default shipped model)."""
-    from .assets import SHIPPED_MODELS, shipped_model_path
+    from ..assets import SHIPPED_MODELS, shipped_model_path
 
     path = path or SHIPPED_MODEL
     if path in SHIPPED_MODELS and not os.path.isdir(path):

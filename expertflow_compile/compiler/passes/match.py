@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..kernels.reference import ExpertMath, SplitGate
+from ...kernels.reference import ExpertMath, SplitGate
 from .fx_utils import (
     ancestors, call_name, descendants, extract_subgraph, input_nodes_of, is_op, node_value,
     tensor_meta,
@@ -89,7 +89,7 @@ class MoEBlock:
         """The expert tensors in slot order (None where absent), from placeholder
         ``values``: an ExpertList where the experts are one parameter each; with
         ``viewed``, 2-D parameters viewed as [E, N, K]."""
-        from ..runtime.store import ExpertList
+        from ...runtime.store import ExpertList
 
         out = []
         for name, node in zip(self.SLOTS, self.param_slots()):
@@ -684,7 +684,7 @@ def _unmatched_routers(graph: fx.Graph, used_routers: set[fx.Node]) -> list[Unma
                     layer=_layer_of(str(w.target)), where=_scope_of(a) or a.name,
                     reason="router found, but its expert dispatch is not in this graph (a per-expert loop "
                            "that Dynamo splits off runs outside any graph, and this family has no traceable "
-                           "form in expertflow_compile/traceable.py)"))
+                           "form in expertflow_compile/compiler/traceable.py)"))
             break
     return found
 

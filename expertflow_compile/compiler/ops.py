@@ -28,21 +28,21 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InferenceOnlyError
+from ..errors import InferenceOnlyError
 
 __all__ = ["predict", "prefetch", "permute", "grouped_gemm", "grouped_gemm_modules"]
 
 
 def _engine(engine_id: int):
     """The engine graph ``engine_id`` served last (None: it outlived its models)."""
-    from .runtime.engine import get_engine
+    from ..runtime.engine import get_engine
 
     return get_engine(engine_id)
 
 
 def _serving(engine_id: int, layer: int, tensors: list):
     """The engine of the expert ``tensors`` this op received (runtime/registry.py's rule)."""
-    from .runtime.registry import serving_engine
+    from ..runtime.registry import serving_engine
 
     return serving_engine(engine_id, layer, tensors)
 
@@ -149,7 +149,7 @@ def grouped_gemm_modules(
     """:func:`grouped_gemm` for experts kept as one module per expert (a ModuleDict of
     Linear layers, Switch Transformers): ``up_list[e]``/``down_list[e]`` are expert e's
     weights."""
-    from .runtime.store import ExpertList
+    from ..runtime.store import ExpertList
 
     eng = _serving(engine_id, layer, [ExpertList(up_list), ExpertList(down_list), None, None, None])
     return eng.grouped_gemm(

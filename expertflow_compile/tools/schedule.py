@@ -31,7 +31,7 @@ __all__ = ["ScheduleResult", "routing_signatures", "form_batches", "batch_cost",
 def _engine_of(model, warm: torch.Tensor | None = None, what: str = "generate_batched(schedule='routing')"):
     """The expertflow engine of ``model``; a compiled model that has not run yet runs ``warm`` once
     to build it. ValueError naming ``what`` needs it when the model is not compiled with expertflow."""
-    from .runtime.engine import engines_for_module
+    from ..runtime.engine import engines_for_module
 
     engines = engines_for_module(getattr(model, "_orig_mod", model))
     if not engines and warm is not None:   # compiled but not run yet: the first call builds the engine

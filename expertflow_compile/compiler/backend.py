@@ -22,16 +22,16 @@ from collections.abc import Callable
 
 import torch.fx as fx
 
-from .config import ExpertFlowConfig
-from .errors import OptionError
+from ..config import ExpertFlowConfig
+from ..errors import OptionError
 from .fallback import install as _install_eager_fallback
 from .passes.lookahead import plan_lookahead
 from .passes.match import MoEBlock, find_moe_blocks
 from .passes.report import BlockReport, GraphReport
 from .passes.rewrite import rewrite_moe_block
 from .passes.verify import check_blocks
-from .runtime.engine import ExpertEngine, LayerPlan, engine_for_tensor
-from .runtime.registry import GraphBinding
+from ..runtime.engine import ExpertEngine, LayerPlan, engine_for_tensor
+from ..runtime.registry import GraphBinding
 from .traceable import install as _install_traceable
 from .traceable import mark_expertflow_backend
 
@@ -85,7 +85,7 @@ def _engine_for(blocks: list[MoEBlock], values: dict, config: ExpertFlowConfig,
     hold (runtime/registry.py's rule) if its options match; for experts on disk, the open
     engine reading their store; else the one made for the same ``torch.compile`` call (same
     options object); else a new one."""
-    from .runtime.engine import attached_store, engine_for_store
+    from ..runtime.engine import attached_store, engine_for_store
 
     firsts = [b.tensors(values)[0] for b in blocks]
     for t in firsts:

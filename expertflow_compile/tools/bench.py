@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .runtime.store import ExpertStore
+from ..runtime.store import ExpertStore
 
 __all__ = ["MODES", "ThrottledStore", "run_mode", "run_bench", "format_table", "plot"]
 
@@ -52,7 +52,7 @@ def parse_bandwidth(text: str | None) -> float | None:
     """``"16GB/s"``, ``"500MB/s"``, ``"2GiB/s"`` -> bytes per second (None stays None)."""
     if text is None:
         return None
-    from .runtime.budget import parse_budget
+    from ..runtime.budget import parse_budget
 
     raw = text.strip()
     if not raw.lower().endswith("/s"):
@@ -110,7 +110,7 @@ def run_mode(mode: str, path: str, budget: str, new_tokens: int, prompts=DEFAULT
             for x in inputs:
                 model.generate(x, max_new_tokens=3, do_sample=False, pad_token_id=0)
         if link_bandwidth:
-            from .runtime.engine import engines_for_module
+            from ..runtime.engine import engines_for_module
 
             for eng in engines_for_module(model):
                 eng.build_cache(ThrottledStore(eng.store, link_bandwidth))
@@ -150,7 +150,7 @@ def run_bench(path: str, budgets, modes=MODES, new_tokens: int = 16, prompts=DEF
         cfg = json.dumps({"mode": mode, "path": path, "budget": budget, "new_tokens": new_tokens,
                           "prompts": list(prompts), "link_bandwidth": link_bandwidth,
                           "predictor_path": predictor_path})
-        proc = subprocess.run([sys.executable, "-m", "expertflow_compile.bench", cfg],
+        proc = subprocess.run([sys.executable, "-m", "expertflow_compile.tools.bench", cfg],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append({"mode": mode, "budget": budget, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -178,8 +178,8 @@ def bound_rows(path: str, sequences: list[list[int]], budgets) -> list[dict]:
     price of more loads; see benchmarks/prediction.py for that trade-off."""
     from transformers import AutoModelForCausalLM
 
-    from .runtime.replay import belady_min, layer_calls, slots_for_share
-    from .runtime.trace import record_routing
+    from .replay import belady_min, layer_calls, slots_for_share
+    from ..runtime.trace import record_routing
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     trace = record_routing(model, [torch.tensor(s).unsqueeze(0) for s in sequences], progress=False)

@@ -1,6 +1,6 @@
 """``expertflow trace``, ``expertflow train-predictor`` and ``expertflow eval``.
 
-``add_commands(subparsers)`` registers them on the ``expertflow`` parser (cli.py):
+``add_commands(subparsers)`` registers them on the ``expertflow`` parser (main.py):
 
   trace            text file -> routing trace (safetensors)
   train-predictor  routing trace -> path-predictor file; prints validation precision/recall
@@ -72,7 +72,7 @@ def text_batches(tok, text: str, *, seq_len: int = 256, batch_size: int = 8, max
 
 
 def _load(path: str | None):
-    from .cli_common import _load_checkpoint, _shipped_or
+    from .common import _load_checkpoint, _shipped_or
 
     return _load_checkpoint(_shipped_or(path))
 
@@ -80,7 +80,7 @@ def _load(path: str | None):
 def _batches(tok, text: str, text_arg: str, args, **kw):
     """text_batches with its user errors (too little text, a sequence longer than the model's
     context) named by argument."""
-    from .cli_common import CLIError
+    from .common import CLIError
 
     try:
         return text_batches(tok, text, seq_len=args.seq_len, **kw)
@@ -89,7 +89,7 @@ def _batches(tok, text: str, text_arg: str, args, **kw):
 
 
 def _check_seq_len(model, args) -> None:
-    from .cli_common import CLIError
+    from .common import CLIError
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and args.seq_len > limit:
@@ -106,11 +106,12 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
 
     ``predictor``: a PathPredictor (needs ``model`` for the token embeddings) or None.
     Predictions are prefetched when their confidence (measured precision of their rank,
-    :func:`~expertflow_compile.runtime.replay.rank_precision`) is ``>= min_confidence``."""
+    :func:`~expertflow_compile.tools.replay.rank_precision`) is ``>= min_confidence``."""
     from tqdm import tqdm
 
-    from .runtime.predictors import _embeddings, path_features, prediction_metrics
-    from .runtime.replay import (belady_min, bypass_bound, call_predictions, candidate_sets, layer_calls,
+    from ..runtime.prediction import path_features, prediction_metrics
+    from ..runtime.prediction.path import _embeddings
+    from ..tools.replay import (belady_min, bypass_bound, call_predictions, candidate_sets, layer_calls,
                                  rank_precision, replay, slots_for_share)
 
     layers = list(trace.layers)
@@ -210,8 +211,8 @@ def format_tables(result: dict) -> str:
 def cmd_trace(args) -> int:
     import torch
 
-    from .cli_common import _output_file, _read_text
-    from .runtime.trace import record_routing
+    from .common import _output_file, _read_text
+    from ..runtime.trace import record_routing
 
     text = _read_text("TEXT", args.text)
     _output_file("--out", args.out)
@@ -230,8 +231,8 @@ def cmd_trace(args) -> int:
 def cmd_train(args) -> int:
     import time
 
-    from .cli_common import _existing_file, _load_trace, _output_file
-    from .runtime.predictors import train_path_predictor
+    from .common import _existing_file, _load_trace, _output_file
+    from ..runtime.prediction import train_path_predictor
 
     _existing_file("TRACE", args.trace, "a routing trace (expertflow trace --out FILE)")
     _output_file("--out", args.out)
@@ -252,8 +253,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .cli_common import CLIError, _existing_file, _load_predictor, _load_trace, _output_file, _read_text
-    from .runtime.trace import record_routing
+    from .common import CLIError, _existing_file, _load_predictor, _load_trace, _output_file, _read_text
+    from ..runtime.trace import record_routing
 
     if bool(args.trace) == bool(args.text):
         raise CLIError("eval needs exactly one of --trace (a held-out routing trace) or --text (held-out text)")
@@ -288,7 +289,7 @@ def cmd_eval(args) -> int:
 
 def add_commands(subparsers) -> None:
     """Register ``trace``, ``train-predictor`` and ``eval`` on the ``expertflow`` subparsers."""
-    from .cli_common import _nonneg_int, _positive_float, _positive_int
+    from .common import _nonneg_int, _positive_float, _positive_int
 
     t = subparsers.add_parser("trace", help="record the routing of a text through a model (a routing trace file)")
     t.add_argument("text", metavar="TEXT", help="a UTF-8 text file (documents separated by <|endoftext|> lines)")

@@ -17,7 +17,7 @@ Mechanism
   keeps the original's name, docstring and signature). It patches the modules already
   imported and puts a finder on ``sys.meta_path`` that patches the others right after
   they are imported (nothing is imported ahead of time). ``install()`` is idempotent;
-  ``uninstall()`` restores the originals. ``expertflow_compile.backend`` calls
+  ``uninstall()`` restores the originals. ``expertflow_compile.compiler.backend`` calls
   ``install()`` when it is imported, i.e. at the latest when ``torch.compile`` looks up
   the ``"expertflow"`` entry point, before the first trace.
 * A ``"trace"`` dispatcher runs ``torch.compiler.is_compiling() and

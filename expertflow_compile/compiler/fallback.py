@@ -38,7 +38,7 @@ import torch
 
 from . import traceable
 from .passes.verify import tolerance
-from .runtime.registry import _ident, engine_for_tensor, engines_for_module
+from ..runtime.registry import _ident, engine_for_tensor, engines_for_module
 
 __all__ = ["FellBackWarning", "in_compiled_region", "routes_eagerly", "fell_back_message", "fixes"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from ..kernels.reference import grouped_experts_reference
+from ...kernels.reference import grouped_experts_reference
 from .match import MoEBlock
 
 __all__ = ["BlockCheck", "check_blocks", "tolerance"]

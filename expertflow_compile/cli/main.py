@@ -24,7 +24,7 @@ import contextlib
 import os
 import sys
 
-from .cli_common import (  # noqa: F401 - SHIPPED_MODEL, CLIError, _load_checkpoint are imported from here too
+from .common import (  # noqa: F401 - SHIPPED_MODEL, CLIError, _load_checkpoint are imported from here too
     CLIError,
     _Parser,
     _one_line,
@@ -51,7 +51,7 @@ __all__ = ["main"]
 def _load_model(args):
     import torch
 
-    from .testing.tiny_models import FAMILIES, build_tiny_model
+    from ..testing.tiny_models import FAMILIES, build_tiny_model
 
     if args.model:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -76,7 +76,7 @@ def _load_model(args):
 def cmd_graph(args) -> int:
     import torch
 
-    from . import explain
+    from .. import explain
 
     model = _load_model(args)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -119,7 +119,7 @@ def _run_batched(args, path: str, options: dict) -> int:
     import torch
 
     import expertflow_compile as ef
-    from .schedule import generate_batched
+    from ..tools.schedule import generate_batched
 
     text = _read_text("--prompts-file", args.prompts_file)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -173,7 +173,7 @@ def _budget_option(text: str):
 def _budget_is_the_cause(budget: str):
     """An OptionError raised while the model compiles is about --budget (the only option the
     model can refuse): name the argument."""
-    from .errors import OptionError
+    from ..errors import OptionError
 
     try:
         yield
@@ -185,7 +185,7 @@ def cmd_run(args) -> int:
     import torch
 
     import expertflow_compile as ef
-    from .config import ExpertFlowConfig, OptionError
+    from ..config import ExpertFlowConfig, OptionError
 
     options = {"expert_budget": _budget_option(args.budget), "policy": args.policy, "predictor": args.predictor}
     try:
@@ -245,8 +245,8 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from . import bench
-    from .config import ExpertFlowConfig, OptionError
+    from ..tools import bench
+    from ..config import ExpertFlowConfig, OptionError
 
     path = _shipped_or(args.model)
     _moe_config(path)
@@ -321,8 +321,8 @@ def _heldout_trace(tokens: int, name: str = "tiny_mixtral"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import HELDOUT_TEXT, shipped_model_path
-    from .runtime.trace import record_routing
+    from ..assets import HELDOUT_TEXT, shipped_model_path
+    from ..runtime.trace import record_routing
 
     path = shipped_model_path(name)
     tok = AutoTokenizer.from_pretrained(path)
@@ -343,7 +343,7 @@ def _heldout_trace(tokens: int, name: str = "tiny_mixtral"):
 
 def _simulate_budgets(text: str) -> list[float]:
     """``--budgets 12.5%,25%``: shares of all expert bytes in (0%, 100%]."""
-    from .runtime.budget import parse_budget
+    from ..runtime.budget import parse_budget
 
     out = []
     for part in [p.strip() for p in text.split(",")]:
@@ -367,11 +367,11 @@ def _routing_source(args, trace, shape) -> str:
         spare = f"; {unused} of the {shape.num_experts} experts are never routed to" if unused else ""
         return (f"routing: the shipped {name}'s routing ({e_src} experts, "
                 f"top-{max(trace.top_k.values())}) recorded on {trace.num_tokens} held-out tokens, mapped onto "
-                f"this shape{spare} (see `expertflow_compile/simulate.py`)")
+                f"this shape{spare} (see `expertflow_compile/tools/simulate.py`)")
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .runtime.trace import fingerprint
+    from ..runtime.trace import fingerprint
 
     with _quiet_loading():
         shipped = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.float32)
@@ -386,7 +386,7 @@ def cmd_simulate(args) -> int:
     import json
     import math
 
-    from . import simulate as sim
+    from ..tools import simulate as sim
 
     if args.hardware not in sim.PROFILES:
         raise CLIError(f"--hardware {args.hardware!r} is unknown; known: {', '.join(sim.PROFILES)}")
@@ -435,7 +435,7 @@ def cmd_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import POLICIES
+    from ..config import POLICIES
 
     p = _Parser(prog="expertflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=_positive_int, default=8)
     g.add_argument("--code", action="store_true", help="also print the rewritten graph's code")
     g.set_defaults(func=cmd_graph)
-    from .cli_predict import add_commands
+    from .predict import add_commands
 
     add_commands(sub)   # trace, train-predictor, eval
     return p
@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (2 for any bad argument, with one line on stderr)."""
-    from .errors import OptionError
+    from ..errors import OptionError
 
     parser = build_parser()
     try:
@@ -504,9 +504,3 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, OptionError) as exc:
         print(f"expertflow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":   # python -m expertflow_compile.cli: run the package's module, not a second copy
-    from expertflow_compile.cli import main as _main   # (so cli_predict's CLIError is the one caught)
-
-    sys.exit(_main())

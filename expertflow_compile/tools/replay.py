@@ -34,12 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .belady import min_loads
-from .cache import ExpertCache
-from .policies import PredictivePolicy
-from .prediction.common import ranked_votes
-from .stats import RuntimeStats
-from .store import ExpertSpec, ExpertStore
+from ..runtime.belady import min_loads
+from ..runtime.cache import ExpertCache
+from ..runtime.policies import PredictivePolicy
+from ..runtime.prediction.common import ranked_votes
+from ..runtime.stats import RuntimeStats
+from ..runtime.store import ExpertSpec, ExpertStore
 
 __all__ = ["LayerCall", "layer_calls", "replay", "belady_min", "bypass_bound", "ByteStore", "ReplayResult", "slots_for_share",
            "call_predictions", "candidate_sets", "rank_precision"]

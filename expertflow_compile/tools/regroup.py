@@ -261,7 +261,7 @@ def generate_regrouped(model, prompts: Sequence[torch.Tensor], *, batch_size: in
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     from transformers import DynamicCache
 
-    from .runtime.engine import engines_for_module
+    from ..runtime.engine import engines_for_module
 
     prompts = [p.reshape(-1) for p in prompts]
     if any(p.numel() == 0 for p in prompts):

@@ -1,7 +1,7 @@
 """``expertflow simulate``: project decode speed and memory of real model sizes.
 
 A PROJECTION, not a measurement. It replays recorded routing through the same
-``ExpertCache`` policy code the runtime uses (``runtime/replay.py``, through the cache's
+``ExpertCache`` policy code the runtime uses (``tools/replay.py``, through the cache's
 public interface; a tqdm bar shows the replays) and prices each
 MoE layer call with a simple cost model for a hardware profile:
 
@@ -168,7 +168,7 @@ def _expand(ids: torch.Tensor, tokens: torch.Tensor, layer: int, m: int, per: in
 
 def map_trace(trace, shape: ModelShape):
     """The trace mapped onto ``shape`` (see the module docstring)."""
-    from .runtime.trace import RoutingTrace
+    from ..runtime.trace import RoutingTrace
 
     src_layers = list(trace.layers)
     e_src = trace.num_experts[src_layers[0]]
@@ -201,7 +201,7 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
     (a tqdm bar over the cache replays unless ``progress=False``)."""
     from tqdm import tqdm
 
-    from .runtime.replay import belady_min, call_predictions, candidate_sets, layer_calls, rank_precision, replay
+    from .replay import belady_min, call_predictions, candidate_sets, layer_calls, rank_precision, replay
 
     mapped = map_trace(trace, shape)
     calls = layer_calls(mapped, batch=batch, max_tokens=max_tokens)
@@ -265,7 +265,7 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
 
 def _min_per_call(calls, slots: int) -> list[tuple[int, int]]:
     """MIN's loads per layer call, as ``(0 prefetch, demand)`` pairs for the cost model."""
-    from .runtime.belady import min_loads
+    from ..runtime.belady import min_loads
 
     per: list[int] = []
     min_loads([(c.layer, c.active) for c in calls], slots, per_call=per)
@@ -291,5 +291,5 @@ def assumptions(shape: ModelShape, profile: HardwareProfile, routing: str | None
         "prefetches are issued when their confidence (measured precision of their rank) is high enough, and never "
         "evict an expert predicted to be needed no later (do no harm); MIN (bound) prices Belady's MIN loads",
         routing or (f"routing: the shipped {trace_model_for(shape)}'s recorded routing mapped onto this shape (see "
-                    "`expertflow_compile/simulate.py`)"),
+                    "`expertflow_compile/tools/simulate.py`)"),
     ]
