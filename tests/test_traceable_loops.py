@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers import assert_fp32_close
 
-from expertflow_compile import stats, traceable
+from expertflow_compile import stats
+from expertflow_compile.compiler import traceable
 from expertflow_compile.compiler.backend import collect_reports, expertflow_backend
 from expertflow_compile.compiler.passes.report import ExplainReport
 from expertflow_compile.testing.families import build_tiny_family, count_moe_layers
