@@ -30,7 +30,8 @@ from .passes.match import MoEBlock, find_moe_blocks
 from .passes.report import BlockReport, GraphReport
 from .passes.rewrite import rewrite_moe_block
 from .passes.verify import check_blocks
-from ..runtime.engine import ExpertEngine, LayerPlan, engine_for_tensor
+from ..layer import LayerPlan
+from ..runtime.engine import ExpertEngine, engine_for_tensor
 from ..runtime.registry import GraphBinding
 from .traceable import install as _install_traceable
 from .traceable import mark_expertflow_backend
@@ -70,7 +71,7 @@ _ENGINES_BY_OPTIONS: dict[tuple, tuple[dict, "weakref.ref[ExpertEngine]"]] = {}
 
 def _param_names(block: MoEBlock) -> list[str]:
     names = []
-    for name, node in zip(block.SLOTS, block.param_slots()):
+    for name, node in zip(block.TENSOR_ORDER, block.weight_nodes()):
         members = block.lists.get(name)
         if members:
             names.append(f"{members[0].target} .. {members[-1].target} ({len(members)} tensors)")

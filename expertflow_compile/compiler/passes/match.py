@@ -15,17 +15,27 @@ grouped/batched matmuls, a top-k over a router linear with an [E, H] weight, and
 data flow between them. Dynamo's module-scope metadata only bounds the region; every
 structural fact is re-checked, and anything unexpected leaves the block untouched
 with the reason in ``MatchResult.unmatched``.
+
+``find_moe_blocks`` pairs each expert GEMM with the next one in its module and hands the
+pair to ``_match_pair``, which composes one function per concern, each refusing with its
+reason: ``_bound_region`` (the nodes the rewrite replaces), ``_expert_gemms`` (weights,
+biases, a separate up projection), ``_routed_inputs`` (hidden, ids, weights),
+``_routing`` (the router behind them), ``_gating`` and ``_weighting`` (the experts'
+math), ``_dispatch_kind`` (layouts). The layer number it proposes comes from the
+weights' names (:func:`expertflow_compile.layer.layer_index`), else graph order; the
+pipeline's bind pass decides the final number against the engine.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from ...kernels.reference import ExpertMath, SplitGate
+from ...layer import TENSOR_ORDER, ExpertList, ExpertMath, LayerPlan, SplitGate, layer_index
 from .fx_utils import (
     ancestors, call_name, descendants, extract_subgraph, input_nodes_of, is_op, node_value,
     tensor_meta,
@@ -45,7 +55,12 @@ _INPLACE_ADD = ("method:add_", "operator.iadd")
 
 @dataclass
 class MoEBlock:
-    """One matched MoE layer (see the module docstring)."""
+    """One matched MoE layer (see the module docstring).
+
+    The expert weights: ``up_weight`` is the first projection of the rows (gate and up
+    fused, or the gate alone when ``up2_weight``, the separate up projection, is given:
+    DBRX), ``down_weight`` the second; ``TENSOR_ORDER`` is the order of these tensors in
+    every list of them (:data:`expertflow_compile.layer.TENSOR_ORDER`)."""
 
     layer: int
     scope: str
@@ -75,24 +90,22 @@ class MoEBlock:
     views: dict[str, tuple] = field(default_factory=dict)   # name -> [E, N, K] view of a 2-D weight
     lists: dict[str, list[fx.Node]] = field(default_factory=dict)   # name -> one placeholder per expert
 
-    SLOTS = ("up", "down", "up_bias", "down_bias", "up2")   # the engine's order
+    TENSOR_ORDER = TENSOR_ORDER   # the order of the expert tensors: up, down, up_bias, down_bias, up2
 
     def params(self) -> list[fx.Node]:
         """Every placeholder holding expert weights (a stacked weight's per-expert ones)."""
         out = []
-        for name, n in zip(self.SLOTS, self.param_slots()):
+        for name, n in zip(self.TENSOR_ORDER, self.weight_nodes()):
             if n is not None:
                 out.extend(self.lists.get(name, [n]))
         return out
 
     def tensors(self, values: dict, viewed: bool = False) -> list:
-        """The expert tensors in slot order (None where absent), from placeholder
+        """The expert tensors in ``TENSOR_ORDER`` (None where absent), from placeholder
         ``values``: an ExpertList where the experts are one parameter each; with
         ``viewed``, 2-D parameters viewed as [E, N, K]."""
-        from ...runtime.store import ExpertList
-
         out = []
-        for name, node in zip(self.SLOTS, self.param_slots()):
+        for name, node in zip(self.TENSOR_ORDER, self.weight_nodes()):
             if name in self.lists:
                 out.append(ExpertList([values[m] for m in self.lists[name]]))
                 continue
@@ -100,9 +113,29 @@ class MoEBlock:
             out.append(t.view(self.views[name]) if viewed and t is not None and name in self.views else t)
         return out
 
-    def param_slots(self) -> list[fx.Node | None]:
-        """(up, down, up bias, down bias, second up), None where absent: the engine's order."""
+    def weight_nodes(self) -> list[fx.Node | None]:
+        """The expert weight placeholders in ``TENSOR_ORDER``, None where absent."""
         return [self.up_weight, self.down_weight, self.up_bias, self.down_bias, self.up2_weight]
+
+    def plan(self) -> LayerPlan:
+        """The layer as the engine runs it (under the block's current ``layer`` number)."""
+        return LayerPlan(
+            layer=self.layer, num_experts=self.num_experts, top_k=self.top_k, hidden_size=self.hidden_size,
+            math=self.math, rows_dtype=self.rows_dtype, out_features=self.out_features,
+            has_up_bias=self.up_bias is not None, has_down_bias=self.down_bias is not None,
+            has_up2=self.up2_weight is not None, views=tuple(sorted(self.views.items())),
+        )
+
+    def weight_names(self) -> list[str]:
+        """The expert weights' placeholder names, for reports (a per-expert list as a range)."""
+        names = []
+        for name, node in zip(self.TENSOR_ORDER, self.weight_nodes()):
+            members = self.lists.get(name)
+            if members:
+                names.append(f"{members[0].target} .. {members[-1].target} ({len(members)} tensors)")
+            elif node is not None:
+                names.append(str(node.target))
+        return names
 
 
 @dataclass
@@ -127,15 +160,6 @@ class _NoMatch(Exception):
 class _NotRouted(_NoMatch):
     """3-D weights used by batched matmuls without routing (e.g. shared experts run on
     every token): not an MoE dispatch, so not reported as an unmatched one."""
-
-
-def _layer_of(*names: str) -> int | None:
-    for name in names:
-        for pat in (r"layers?_modules_(\d+)_", r"layers?\.(\d+)\.", r"layers?_(\d+)_", r"\.(\d+)\."):
-            m = re.search(pat, name)
-            if m:
-                return int(m.group(1))
-    return None
 
 
 def _strip(node, ops) -> fx.Node:
@@ -459,7 +483,15 @@ def _second_up(up: _Gemm, down: _Gemm, region: set[fx.Node], gemms: list[_Gemm])
     return None
 
 
-def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
+# ----- one (up, down) GEMM pair -> one MoEBlock ------------------------------------------
+# _match_pair composes four concerns, each raising _NoMatch with the reason it refuses:
+# the region (what the rewrite replaces), the expert GEMMs (weights, biases, layouts),
+# the routed inputs and their router, and the experts' math (gating, weighting).
+
+
+def _bound_region(up: _Gemm, down: _Gemm) -> tuple[str, set[fx.Node], fx.Node]:
+    """(scope, region, output): the nodes of the experts' module that the rewrite replaces,
+    bounded by Dynamo's module-scope metadata, with exactly one output."""
     scope = _scope_of(up.node)
     if scope is None:
         raise _NoMatch("the graph carries no module-scope metadata to bound the dispatch region")
@@ -477,15 +509,38 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
     outs = [n for n in region if any(u not in region for u in n.users)]
     if len(outs) != 1:
         raise _NoMatch(f"the dispatch region has {len(outs)} outputs ({[n.name for n in outs]}), expected 1")
-    output = outs[0]
+    return scope, region, outs[0]
 
-    ext = input_nodes_of(region)
+
+@dataclass
+class _ExpertGemms:
+    """The expert projections of one block as the graph holds them."""
+
+    up: _Gemm
+    down: _Gemm
+    up2: _Gemm | None               # a separate up projection (the first one is then the gate)
+    up_shape: tuple
+    down_shape: tuple
+    up_out: fx.Node
+    down_out: fx.Node
+    up_bias: fx.Node | None
+    down_bias: fx.Node | None
+    bias_nodes: set[fx.Node]        # the in-place bias additions (not part of any extracted function)
+    lists: dict[str, list[fx.Node]]   # name -> one 2-D parameter per expert (stacked in the graph)
+    params: set[fx.Node]            # every placeholder holding expert weights
+
+    @property
+    def num_experts(self) -> int:
+        return self.down_shape[0]
+
+
+def _expert_gemms(up: _Gemm, down: _Gemm, region: set[fx.Node], gemms: list[_Gemm]) -> _ExpertGemms:
+    """The expert weights, biases and separate up projection of the (up, down) pair."""
     up2 = _second_up(up, down, region, gemms)
     up_shape, down_shape = _shape(up), _shape(down)
-    num_experts = down_shape[0]
     if up2 is not None and (_shape(up2) != up_shape or up2.weight_transposed_view != up.weight_transposed_view):
         raise _NoMatch("the two up projections (gate and up) have different shapes or layouts")
-    if up_shape[0] < num_experts:
+    if up_shape[0] < down_shape[0]:
         raise _NoMatch("up and down expert weights disagree on the number of experts")
     # more up rows than down rows: rows for identity ("zero") experts that never run
     # their weights (LongCat-Flash); the ids the experts see must stay below E, which
@@ -499,12 +554,19 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
     if lists and (up2 is not None or len(lists) != 2):
         raise _NoMatch("only some expert weights are per-expert tensors")
     params |= {m for members in lists.values() for m in members}
-    tensors = [n for n in ext if tensor_meta(n) is not None and n not in params]
+    return _ExpertGemms(up, down, up2, up_shape, down_shape, up_out, down_out, b_up, b_down,
+                        up_bias_nodes | down_bias_nodes, lists, params)
+
+
+def _routed_inputs(region: set[fx.Node], output: fx.Node, experts: _ExpertGemms, scope: str):
+    """(hidden, ids, weights, consts): what flows into the experts besides their weights,
+    told apart by dtype and shape; ``consts`` are 1-D parameters the experts' own
+    elementwise math reads (a post-expert norm's weight)."""
+    ext = input_nodes_of(region)
+    tensors = [n for n in ext if tensor_meta(n) is not None and n not in experts.params]
     others = [n for n in ext if tensor_meta(n) is None and not isinstance(node_value(n), (int, torch.SymInt))]
     if others:
         raise _NoMatch(f"the dispatch region reads non-tensor values {[n.name for n in others]}")
-    # 1-D parameters read by the experts' own elementwise math (a post-expert norm's weight),
-    # bound into the extracted function; any other use is refused below
     consts = {n for n in tensors if n.op == "placeholder" and tensor_meta(n).is_floating_point()
               and tensor_meta(n).dim() == 1 and _real_param(n) is not None}
     tensors = [n for n in tensors if n not in consts]
@@ -532,32 +594,52 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
         if (cname.endswith("_") and not cname.endswith("__")) or cname == "operator.setitem":
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in region:
                 raise _NoMatch(f"{n.name} mutates {n.args[0].name}, which lives outside the experts")
+    return hidden, ids, weights, consts
 
-    table = _hash_table(ids)
-    if table is not None:   # hash-routed: no router behind the ids, so no lookahead either
+
+@dataclass
+class _Routing:
+    router: fx.Node | None        # the router linear (None for hash routing: nothing to look ahead with)
+    router_weight: fx.Node
+    description: str
+
+
+def _routing(ids: fx.Node, weights: fx.Node, num_experts: int) -> _Routing:
+    """The router behind the routed inputs, and a description of the routing math."""
+    if _hash_table(ids) is not None:   # hash-routed: no router behind the ids, so no lookahead either
         router, router_w = _find_weights_router(weights, num_experts)
-    else:
-        topk, router, router_w = _find_router(ids, num_experts)
-        if router not in ancestors([weights]):
-            raise _NoMatch("the routing weights do not come from the router")
+        return _Routing(None, router_w,
+                        "hash table[token ids] -> ids; " + _routing_description(weights, weights, router))
+    _, router, router_w = _find_router(ids, num_experts)
+    if router not in ancestors([weights]):
+        raise _NoMatch("the routing weights do not come from the router")
+    return _Routing(router, router_w, _routing_description(ids, weights, router))
 
-    skip = up_bias_nodes | down_bias_nodes
-    d_in = _gemm_input(down)
-    gate_seg = _segment(up_out, d_in, region, skip)
+
+def _gating(experts: _ExpertGemms, region: set[fx.Node]) -> tuple[Callable, set[fx.Node]]:
+    """(gate_fn, its nodes): the function between the up and the down projection."""
+    d_in = _gemm_input(experts.down)
+    gate_seg = _segment(experts.up_out, d_in, region, experts.bias_nodes)
+    up2 = experts.up2
     if up2 is not None:
         up2_out = _gemm_output(up2)
-        gate_seg |= _segment(up2_out, d_in, region, skip)
+        gate_seg |= _segment(up2_out, d_in, region, experts.bias_nodes)
     if not gate_seg:
         raise _NoMatch("no gating/activation between the two projections")
     if up2 is None:
-        gate_fn = _extract_fn(up_out, d_in, gate_seg, "gating function")
-    else:
-        bad = [n for n in input_nodes_of(gate_seg) if n not in (up_out, up2_out)]
-        if bad:
-            raise _NoMatch(f"the gating function reads more than the projection outputs: {[n.name for n in bad]}")
-        gate_fn = SplitGate(extract_subgraph(gate_seg, [up_out, up2_out], d_in), int(up_shape[1 if not _up_t(up) else 2]))
+        return _extract_fn(experts.up_out, d_in, gate_seg, "gating function"), gate_seg
+    bad = [n for n in input_nodes_of(gate_seg) if n not in (experts.up_out, up2_out)]
+    if bad:
+        raise _NoMatch(f"the gating function reads more than the projection outputs: {[n.name for n in bad]}")
+    split = int(experts.up_shape[1 if not _up_t(experts.up) else 2])
+    return SplitGate(extract_subgraph(gate_seg, [experts.up_out, up2_out], d_in), split), gate_seg
 
-    # the routing-weight multiply after the down projection
+
+def _weighting(experts: _ExpertGemms, hidden: fx.Node, weights: fx.Node, output: fx.Node,
+               region: set[fx.Node], consts: set[fx.Node]) -> tuple[bool, Callable | None]:
+    """(prescale, post_fn): where the routing weight multiplies (the experts' output, or
+    their input rows) and the function between the down projection and that multiply."""
+    down_out, skip = experts.down_out, experts.bias_nodes
     after_down = descendants([down_out], limit=region) | {down_out}
     from_weights = descendants([weights], limit=region)
     mul = None
@@ -570,27 +652,31 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
             if b in after_down and a in from_weights and a not in after_down:
                 mul = (n, b)
                 break
-    prescale = False
+    post_seg: set[fx.Node] = set()
     if mul is None:
-        mul = _prescale_mul(up, hidden, weights, region)
-        if mul is None:
+        if _prescale_mul(experts.up, hidden, weights, region) is None:
             raise _NoMatch("no routing-weight multiply after the down projection (nor on the experts' "
                            "input rows)")
         prescale, post_fn = True, None
         if _segment(down_out, output, region, skip) - _combine_nodes(down_out, output, region):
             raise _NoMatch("the pre-scaled experts' outputs go through more than a sum over top-k")
     else:
+        prescale = False
         post_seg = _segment(down_out, mul[1], region, skip)
         if post_seg and consts:
             post_seg |= _const_math(consts, region, post_seg)
         post_fn = _extract_fn(down_out, mul[1], post_seg, "post-expert function", consts) if post_seg else None
     if consts:   # the bound parameters may only feed the post-expert function
-        post_nodes = post_seg if not prescale else set()
-        stray = [c.name for c in consts if any(u in region and u not in post_nodes for u in c.users)
-                 or not any(u in post_nodes for u in c.users)]
+        stray = [c.name for c in consts if any(u in region and u not in post_seg for u in c.users)
+                 or not any(u in post_seg for u in c.users)]
         if stray:
             raise _NoMatch(f"the experts read parameters {stray} outside their post-expert function")
+    return prescale, post_fn
 
+
+def _dispatch_kind(experts: _ExpertGemms, prescale: bool) -> tuple[bool, bool, str]:
+    """(up stored [in, out], down stored [in, out], the dispatch's description)."""
+    up, down = experts.up, experts.down
     if up.node.target is not down.node.target:
         raise _NoMatch("the two projections use different matmul kinds")
     if is_op(up.node, "bmm", "matmul"):
@@ -601,32 +687,46 @@ def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
         dispatch = "grouped_mm" if "fallback" not in call_name(up.node) else "grouped_mm_fallback"
     if prescale:
         dispatch += ", routing weight on the input rows"
-    hidden_size = h_v.shape[-1]
-    inter = down_shape[1] if not down_t else down_shape[2]
-    layer = _layer_of(up.weight.target if isinstance(up.weight.target, str) else "", scope)
-    layout = (f"up {list(up_shape)}{' transposed' if up_t else ''}"
-              f"{f' (first {num_experts} used)' if up_shape[0] > num_experts else ''}, down {list(down_shape)}"
-              f"{' transposed' if down_t else ''}" + (", biases" if b_up is not None or b_down is not None else "")
-              + (", gate and up separate" if up2 is not None else "")
-              + (", viewed from 2-D [E*N, K] parameters" if any(g.view for g in (up, down)) else "")
-              + (", one module per expert" if lists else ""))
+    return up_t, down_t, dispatch
+
+
+def _layout(experts: _ExpertGemms, up_t: bool, down_t: bool) -> str:
+    up_shape, down_shape, n = experts.up_shape, experts.down_shape, experts.num_experts
+    return (f"up {list(up_shape)}{' transposed' if up_t else ''}"
+            f"{f' (first {n} used)' if up_shape[0] > n else ''}, down {list(down_shape)}"
+            f"{' transposed' if down_t else ''}"
+            + (", biases" if experts.up_bias is not None or experts.down_bias is not None else "")
+            + (", gate and up separate" if experts.up2 is not None else "")
+            + (", viewed from 2-D [E*N, K] parameters" if any(g.view for g in (experts.up, experts.down)) else "")
+            + (", one module per expert" if experts.lists else ""))
+
+
+def _match_pair(up: _Gemm, down: _Gemm, gemms: list[_Gemm] = ()) -> MoEBlock:
+    """The MoE block whose experts are the ``up`` -> ``down`` GEMM pair (or _NoMatch)."""
+    scope, region, output = _bound_region(up, down)
+    experts = _expert_gemms(up, down, region, gemms)
+    hidden, ids, weights, consts = _routed_inputs(region, output, experts, scope)
+    routing = _routing(ids, weights, experts.num_experts)
+    gate_fn, gate_seg = _gating(experts, region)
+    prescale, post_fn = _weighting(experts, hidden, weights, output, region, consts)
+    up_t, down_t, dispatch = _dispatch_kind(experts, prescale)
+    down_shape = experts.down_shape
+    layer = layer_index(up.weight.target if isinstance(up.weight.target, str) else "", scope)
     return MoEBlock(
         layer=layer if layer is not None else -1, scope=scope, hidden=hidden, topk_ids=ids,
         topk_weights=weights, output=output, region=region, up_weight=up.weight,
-        down_weight=down.weight, up_bias=b_up, down_bias=b_down, num_experts=num_experts,
-        top_k=ids_v.shape[1], hidden_size=hidden_size, intermediate_size=inter,
+        down_weight=down.weight, up_bias=experts.up_bias, down_bias=experts.down_bias,
+        num_experts=experts.num_experts, top_k=tensor_meta(ids).shape[1], hidden_size=tensor_meta(hidden).shape[-1],
+        intermediate_size=down_shape[1] if not down_t else down_shape[2],
         math=ExpertMath(up_transposed=up_t, down_transposed=down_t, gate_fn=gate_fn, post_fn=post_fn,
                         prescale=prescale),
-        rows_dtype=tensor_meta(down_out).dtype, out_features=tensor_meta(down_out).shape[-1],
-        dispatch=dispatch,
-        routing=("hash table[token ids] -> ids; " + _routing_description(weights, weights, router)
-                 if table is not None else _routing_description(ids, weights, router)),
-        activation=_describe_fn(gate_seg), router_weight=router_w, layout=layout,
-        router=None if table is not None else router,
-        up2_weight=up2.weight if up2 is not None else None,
-        views={name: g.view for name, g in (("up", up), ("down", down), ("up2", up2))
+        rows_dtype=tensor_meta(experts.down_out).dtype, out_features=tensor_meta(experts.down_out).shape[-1],
+        dispatch=dispatch, routing=routing.description, activation=_describe_fn(gate_seg),
+        router_weight=routing.router_weight, layout=_layout(experts, up_t, down_t), router=routing.router,
+        up2_weight=experts.up2.weight if experts.up2 is not None else None,
+        views={name: g.view for name, g in (("up", up), ("down", down), ("up2", experts.up2))
                if g is not None and g.view is not None},
-        lists=lists,
+        lists=experts.lists,
     )
 
 
@@ -681,7 +781,7 @@ def _unmatched_routers(graph: fx.Graph, used_routers: set[fx.Node]) -> list[Unma
             seen.add(a)
             if _order(a) < _order(n) and _order(n) - _order(a) < 200:
                 found.append(Unmatched(
-                    layer=_layer_of(str(w.target)), where=_scope_of(a) or a.name,
+                    layer=layer_index(str(w.target)), where=_scope_of(a) or a.name,
                     reason="router found, but its expert dispatch is not in this graph (a per-expert loop "
                            "that Dynamo splits off runs outside any graph, and this family has no traceable "
                            "form in expertflow_compile/compiler/traceable.py)"))
@@ -721,7 +821,7 @@ def find_moe_blocks(gm: fx.GraphModule) -> MatchResult:
         except _NoMatch as exc:
             tried_routers.update(a for a in ancestors([g.node]) if is_op(a, "linear", "matmul", "mm"))
             result.unmatched.append(Unmatched(
-                layer=_layer_of(str(g.weight.target)), where=_scope_of(g.node) or g.node.name, reason=str(exc)))
+                layer=layer_index(str(g.weight.target)), where=_scope_of(g.node) or g.node.name, reason=str(exc)))
     used_routers = set(tried_routers)
     for b in result.blocks:
         for a in ancestors([b.topk_ids]):
