@@ -154,9 +154,10 @@ def _bind(state: GraphState) -> int:
     binding = state.binding = GraphBinding(engine)
     state.gm._expertflow_binding = binding   # the graph holds its recipe (the registry holds it weakly)
     numbers: list[int] = []
-    for block, tensors in zip(state.bound, state.tensors):
+    for block, tensors in zip(state.bound, state.tensors):   # all numbered before any is registered
         block.layer = engine.layer_number_for(block.layer, tensors[0], numbers)
         numbers.append(block.layer)
+    for block, tensors in zip(state.bound, state.tensors):
         plan = block.plan()
         engine.register_layer(plan, tensors)
         binding.add(plan)
