@@ -1,4 +1,5 @@
-"""The pass pipeline (compiler/pipeline.py) and the units the matcher is carved into.
+"""The pass pipeline (compiler/pipeline.py) and the units the matcher is carved into
+(passes/region.py, expert_gemms.py, routing.py, match.py).
 
 The pipeline runs on graphs captured from the small hand-written MoE modules of
 ``test_passes.py``: each pass must log its name, block count and time, the dump switch
@@ -14,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from expertflow_compile.compiler.backend import compile_graph
+from expertflow_compile.compiler.passes import expert_gemms, region, routing
 from expertflow_compile.compiler.passes import match as m
 from expertflow_compile.compiler.pipeline import DUMP_ENV, LOGGER_NAME, PASSES
 from expertflow_compile.config import ExpertFlowConfig
@@ -110,25 +112,25 @@ def test_bind_numbers_each_layer_once_and_registers_its_plan():
 def test_the_carved_matcher_units(cfg):
     module, x = _build(cfg)
     gm, _, values = capture(module, x)
-    m._number(gm.graph)
-    up, down = m._find_gemms(gm.graph)
-    scope, region, output = m._bound_region(up, down)
-    assert scope.endswith("experts") and output in region
-    assert up.node in region and down.node in region
-    assert not any(n.op == "placeholder" for n in region)
-    experts = m._expert_gemms(up, down, region, [up, down])
+    region._number(gm.graph)
+    up, down = expert_gemms._find_gemms(gm.graph)
+    scope, nodes, output = region._bound_region(up.node, down.node)
+    assert scope.endswith("experts") and output in nodes
+    assert up.node in nodes and down.node in nodes
+    assert not any(n.op == "placeholder" for n in nodes)
+    experts = expert_gemms._expert_gemms(up, down, nodes, [up, down])
     assert experts.num_experts == cfg["E"] and experts.up2 is None and not experts.lists
     assert (experts.up_bias is None, experts.down_bias is None) == (not cfg["bias"],) * 2
     assert len(experts.bias_nodes) == (4 if cfg["bias"] else 0)   # an add_ and a gather per bias
-    hidden, ids, weights, consts = m._routed_inputs(region, output, experts, scope)
+    hidden, ids, weights, consts = routing._routed_inputs(nodes, output, experts, scope)
     assert hidden.op == "placeholder" and tuple(values[hidden].shape) == (cfg["T"], cfg["H"])
     assert tuple(ids.meta["example_value"].shape) == (cfg["T"], cfg["K"]) and not consts
     assert tuple(weights.meta["example_value"].shape) == (cfg["T"], cfg["K"])
-    routing = m._routing(ids, weights, experts.num_experts)
-    assert values[routing.router_weight] is module.router.weight and routing.router is not None
-    prescale, post_fn = m._weighting(experts, hidden, weights, output, region, consts)
+    found = routing._routing(ids, weights, experts.num_experts)
+    assert values[found.router_weight] is module.router.weight and found.router is not None
+    prescale, post_fn = m._weighting(experts, hidden, weights, output, nodes, consts)
     assert not prescale and post_fn is None
-    up_t, down_t, dispatch = m._dispatch_kind(experts, prescale)
+    up_t, down_t, dispatch = expert_gemms._dispatch_kind(experts, prescale)
     assert (up_t, down_t) == (False, False) and dispatch.startswith("batched_mm")
     block = m._match_pair(up, down, [up, down])
     plan = block.plan()
