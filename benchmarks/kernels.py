@@ -135,7 +135,8 @@ def triton_layer(x, ids, w, up, down, config=None):
 
 def reference_layer(x, ids, w, up, down):
     """The engine's torch reference (expertflow_compile.kernels.reference)."""
-    from expertflow_compile.kernels.reference import ExpertMath, grouped_experts_reference
+    from expertflow_compile.kernels.reference import grouped_experts_reference
+    from expertflow_compile.layer import ExpertMath
     from expertflow_compile.compiler.ops import permute
 
     order, offsets = permute(ids, up.shape[0])

@@ -6,6 +6,7 @@ import torch
 
 from .compiler.backend import collect_reports, expertflow_backend
 from .config import ExpertFlowConfig
+from .layer import unwrap_compiled
 from .compiler.passes.report import ExplainReport
 from .runtime.engine import engines_for_module
 from .compiler.traceable import mark_expertflow_backend
@@ -15,7 +16,7 @@ __all__ = ["explain", "stats", "reset_stats"]
 
 def _module_of(model) -> torch.nn.Module:
     """The nn.Module behind ``model`` (an ``OptimizedModule`` from torch.compile or a module)."""
-    inner = getattr(model, "_orig_mod", model)
+    inner = unwrap_compiled(model)
     if not isinstance(inner, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module or the result of torch.compile(module), got {type(model).__name__}")
     return inner

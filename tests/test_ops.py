@@ -4,9 +4,9 @@ from hypothesis import given, settings, strategies as st
 
 from expertflow_compile.compiler import ops  # noqa: F401
 from expertflow_compile.config import ExpertFlowConfig
-from expertflow_compile.kernels.reference import ExpertMath, grouped_experts_reference
-from expertflow_compile.runtime.engine import ExpertEngine, LayerPlan
-from expertflow_compile.runtime.store import ExpertList
+from expertflow_compile.kernels.reference import grouped_experts_reference
+from expertflow_compile.layer import ExpertList, ExpertMath, LayerPlan
+from expertflow_compile.runtime.engine import ExpertEngine
 
 
 def _silu_gate(h):

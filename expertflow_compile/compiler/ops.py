@@ -149,7 +149,7 @@ def grouped_gemm_modules(
     """:func:`grouped_gemm` for experts kept as one module per expert (a ModuleDict of
     Linear layers, Switch Transformers): ``up_list[e]``/``down_list[e]`` are expert e's
     weights."""
-    from ..runtime.store import ExpertList
+    from ..layer import ExpertList
 
     eng = _serving(engine_id, layer, [ExpertList(up_list), ExpertList(down_list), None, None, None])
     return eng.grouped_gemm(

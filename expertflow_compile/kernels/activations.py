@@ -113,7 +113,7 @@ class ActivationKind:
         return n_up // 2 if self.is_glu else n_up
 
     def gate_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The torch implementation as a ``gate_fn`` for :class:`~.reference.ExpertMath`."""
+        """The torch implementation as a ``gate_fn`` for :class:`~expertflow_compile.layer.ExpertMath`."""
         return lambda h: apply_activation(h, self)
 
     def __str__(self) -> str:

@@ -15,45 +15,12 @@ weight to the dtype of the rows it multiplies, right before its matmul.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-
 import torch
 
+from ..layer import ExpertMath
 from .dequant import expert_weight
 
-__all__ = ["ExpertMath", "SplitGate", "expert_forward", "combine_topk", "prescale_rows"]
-
-
-@dataclass(frozen=True)
-class ExpertMath:
-    """How one MoE layer's experts compute, as recovered from the graph.
-
-    ``up_transposed``/``down_transposed``: the stored weight is [in, out] per expert
-    (GPT-OSS) rather than the usual [out, in]. ``gate_fn`` maps the up projection's
-    output [S, N_up] to [S, I] exactly as the model does (SiLU/GELU gating, GPT-OSS's
-    clamped SwiGLU, a plain activation, ...). ``post_fn`` runs on the down projection's
-    output before the routing weight (None for most families). ``prescale``: the
-    routing weight multiplies the expert's input rows instead of its output (Llama-4:
-    ``expert(w * x)``); the combine then only sums.
-    """
-
-    up_transposed: bool
-    down_transposed: bool
-    gate_fn: Callable[[torch.Tensor], torch.Tensor]
-    post_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    prescale: bool = False
-
-
-class SplitGate:
-    """The gating of a family with separate gate and up weights (DBRX): the up
-    projection's output is ``cat([x @ gate.T, x @ up.T], -1)``; ``fn(gate_out, up_out)``
-    is the two-input function extracted from the graph, ``split`` the gate's width."""
-
-    def __init__(self, fn: Callable, split: int):
-        self.fn, self.split = fn, split
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fn(h[..., :self.split], h[..., self.split:])
+__all__ = ["expert_forward", "combine_topk", "prescale_rows", "grouped_experts_reference"]
 
 
 def prescale_rows(rows: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,10 @@ Configs (``BLOCK_M/N/K``, ``GROUP_M``, ``num_warps``, ``num_stages``) come from
 :func:`get_moe_config`, a function of ``(H, I, E, dtype)`` and the device only, never of
 the token count (no ``tl.constexpr`` depends on it, and the token-dependent integer
 arguments are excluded from specialisation), so a new batch size never recompiles.
-Tuned configs are read from ``kernels/configs/<device>.json`` or the file named by
-``$EXPERTFLOW_MOE_CONFIG``; see the README next to this file.
+Tuned configs are read from ``kernels/configs/<device>.json`` (none ship with the
+package: ``benchmarks/kernels.py --tune`` writes the file for the device it runs on) and
+the file named by ``$EXPERTFLOW_MOE_CONFIG``, which wins; with neither, the heuristic
+:func:`default_moe_config`. See the README next to this file.
 
 CPU tensors run through the Triton interpreter (used by the tests with
 ``TRITON_INTERPRET=1``); CUDA tensors through the compiled kernels.

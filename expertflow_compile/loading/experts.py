@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layer import layer_index
+
 __all__ = ["ExpertGroup", "find_expert_groups", "NotServed"]
 
 
@@ -60,7 +62,6 @@ _UNSERVED = {
                       "coverage section), so its experts cannot be served from disk",
 }
 _SKIP_COMPONENT = re.compile(r"shared|attn|attention", re.I)
-_LAYER = re.compile(r"(?:^|\.)(?:layers?|blocks?|h)\.(\d+)(?:\.|$)")
 
 
 def _skipped(path: str) -> bool:
@@ -175,8 +176,8 @@ def find_expert_groups(model: torch.nn.Module) -> list[ExpertGroup]:
         claimed.add(mname)
     taken: set[int] = set()
     for g in groups:
-        m = _LAYER.search(g.module)
-        n = int(m.group(1)) if m else 0
+        n = layer_index(g.module)
+        n = 0 if n is None else n
         while n in taken:
             n += 1
         g.layer = n

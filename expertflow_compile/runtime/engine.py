@@ -1,7 +1,7 @@
 """The per-model engine behind the ``expertflow::*`` ops: the top of the runtime.
 
 One :class:`ExpertEngine` serves one compiled model: it knows each rewritten MoE
-layer (its :class:`~expertflow_compile.kernels.reference.ExpertMath`), owns the
+layer (its :class:`~expertflow_compile.layer.ExpertMath`), owns the
 expert cache when a budget is set, the predictor, and the stats. Graph nodes refer
 to it by an integer id (custom ops cannot take Python objects); the registry
 (:mod:`.registry`, re-exported here) maps ids and expert weight tensors to engines.
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from ..config import ExpertFlowConfig
-from ..kernels.reference import ExpertMath, combine_topk, expert_forward, prescale_rows
+from ..kernels.reference import combine_topk, expert_forward, prescale_rows
+from ..layer import ExpertList, LayerPlan
 from .prediction import LAYER_SHIFT, LookaheadPredictor, ModelView, cap, decode, encode, make_predictor
 from .layer_math import layer_forward
 from .registry import (  # noqa: F401 - the registry's names stay importable from here
@@ -48,36 +48,11 @@ from .registry import (  # noqa: F401 - the registry's names stay importable fro
     unregister_engine,
 )
 from .stats import RuntimeStats
-from .store import ExpertList
 
-__all__ = ["ExpertEngine", "LayerPlan", "LAYER_SHIFT", "get_engine", "engine_for_tensor", "engines_for_module",
+__all__ = ["ExpertEngine", "LAYER_SHIFT", "get_engine", "engine_for_tensor", "engines_for_module",
            "attach_store", "attached_store", "engine_for_store"]
 
 log = logging.getLogger("expertflow_compile")
-
-
-@dataclass
-class LayerPlan:
-    """One rewritten MoE layer as the engine runs it."""
-
-    layer: int
-    num_experts: int
-    top_k: int
-    hidden_size: int
-    math: ExpertMath
-    rows_dtype: torch.dtype          # dtype of the down projection's output rows
-    out_features: int                # hidden size of the expert output
-    has_up_bias: bool = False
-    has_down_bias: bool = False
-    has_up2: bool = False            # separate gate and up weights (``up`` = gate, ``up2`` = up)
-    views: tuple = ()                # ((name, [E, N, K]), ...): 2-D parameters viewed per expert
-
-    def viewed(self, name: str, t: torch.Tensor | None) -> torch.Tensor | None:
-        """``t`` with the expert axis first, as the math expects it."""
-        for n, shape in self.views:
-            if n == name and t is not None:
-                return t.view(shape)
-        return t
 
 
 def _spans(offsets: torch.Tensor, num_pairs: int, layer: int, num_experts: int):

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..kernels.dequant import expert_weight, is_quantized_name
-from ..kernels.reference import ExpertMath
+from ..layer import ExpertMath
 
 __all__ = ["layer_forward"]
 

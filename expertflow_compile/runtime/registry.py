@@ -43,7 +43,8 @@ import weakref
 
 import torch
 
-from .store import ExpertList, TensorExpertStore
+from ..layer import ExpertList
+from .store import TensorExpertStore
 
 __all__ = ["attach_store", "attached_store", "engine_for_store", "get_engine", "engine_for_tensor",
            "engines_for_module", "GraphBinding", "serving_engine"]

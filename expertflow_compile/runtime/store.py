@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..layer import ExpertList
 from .read_plan import Cat, FileSlice, Node, Transpose, describe, slices_of, write_into
 
 __all__ = [
@@ -214,52 +215,6 @@ class ExpertStore:
 
     def __exit__(self, *exc):
         self.close()
-
-
-class ExpertList:
-    """The experts of one projection kept as E separate tensors (a ModuleDict of Linear
-    layers: Switch Transformers), addressed like one ``[E, ...]`` tensor: ``x[e]`` is
-    expert e's tensor, ``shape`` is ``(E, *expert_shape)``."""
-
-    def __init__(self, tensors):
-        self.tensors = list(tensors)
-        if not self.tensors:
-            raise ValueError("ExpertList needs at least one expert tensor")
-        first = self.tensors[0]
-        for i, t in enumerate(self.tensors):
-            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-                raise ValueError(f"expert {i}: {tuple(t.shape)} {t.dtype} on {t.device}, expert 0: "
-                                 f"{tuple(first.shape)} {first.dtype} on {first.device}")
-
-    def __getitem__(self, e):
-        if isinstance(e, slice):
-            return ExpertList(self.tensors[e])
-        return self.tensors[int(e)]
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((len(self.tensors), *self.tensors[0].shape))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.tensors[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.tensors[0].device
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.tensors[0].is_cuda
-
-    def dim(self) -> int:
-        return self.tensors[0].dim() + 1
-
-    def detach(self) -> "ExpertList":
-        return ExpertList(t.detach() for t in self.tensors)
 
 
 class TensorExpertStore(ExpertStore):

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layer import layer_index, unwrap_compiled
+
 __all__ = ["RoutingTrace", "record_routing", "fingerprint", "require_fingerprint", "router_weights", "router_digest"]
 
 FORMAT = "expertflow-routing-trace/1"
@@ -32,11 +34,10 @@ _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "dtype", "torc
                          "return_dict", "_attn_implementation", "_experts_implementation",
                          "experts_implementation", "attn_implementation"}
 _ROUTER_RE = re.compile(r"(^|\.)(gate|router)(\.layer|\.linear|\.classifier)?\.weight$")
-_LAYER_RE = re.compile(r"layers?\.(\d+)\.")
 
 
 def _module(model) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
+    return unwrap_compiled(model)
 
 
 def router_weights(model) -> list[tuple[str, torch.Tensor]]:
@@ -45,8 +46,8 @@ def router_weights(model) -> list[tuple[str, torch.Tensor]]:
     found = []
     for name, p in _module(model).named_parameters():
         if p.dim() == 2 and _ROUTER_RE.search(name):
-            m = _LAYER_RE.search(name)
-            found.append((int(m.group(1)) if m else -1, name, p))
+            layer = layer_index(name)
+            found.append((-1 if layer is None else layer, name, p))
     found.sort(key=lambda t: (t[0], t[1]))
     return [(name, p) for _, name, p in found]
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layer import unwrap_compiled
 from .schedule import _engine_of, _pad_left, form_batches
 
 __all__ = ["GROUP_BY", "PooledKV", "RegroupResult", "generate_regrouped", "order_groups"]
@@ -266,7 +267,7 @@ def generate_regrouped(model, prompts: Sequence[torch.Tensor], *, batch_size: in
     prompts = [p.reshape(-1) for p in prompts]
     if any(p.numel() == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    module = getattr(model, "_orig_mod", model)
+    module = unwrap_compiled(model)
     _check_cache_kind(DynamicCache(config=module.config))     # before any work: refuse what we cannot regroup
     if prompts and not engines_for_module(module):    # compiled, not run yet: build the engine in our call style
         p0 = prompts[0].unsqueeze(0)

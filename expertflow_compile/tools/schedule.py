@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..layer import unwrap_compiled
+
 __all__ = ["ScheduleResult", "routing_signatures", "form_batches", "batch_cost", "generate_batched"]
 
 
@@ -33,11 +35,11 @@ def _engine_of(model, warm: torch.Tensor | None = None, what: str = "generate_ba
     to build it. ValueError naming ``what`` needs it when the model is not compiled with expertflow."""
     from ..runtime.engine import engines_for_module
 
-    engines = engines_for_module(getattr(model, "_orig_mod", model))
+    engines = engines_for_module(unwrap_compiled(model))
     if not engines and warm is not None:   # compiled but not run yet: the first call builds the engine
         with torch.no_grad():
             model(warm.reshape(1, -1))
-        engines = engines_for_module(getattr(model, "_orig_mod", model))
+        engines = engines_for_module(unwrap_compiled(model))
     if not engines:
         raise ValueError(f"{what} needs a model compiled with backend='expertflow' "
                          "(model.compile(backend='expertflow', options=...))")

@@ -30,7 +30,8 @@ from expertflow_compile.kernels import triton_moe as tm  # noqa: E402
 from expertflow_compile.kernels.activations import (  # noqa: E402
     GLU_KINDS, KIND_NAMES, PLAIN_KINDS, ActivationKind, apply_activation, classify_gate_fn,
 )
-from expertflow_compile.kernels.reference import ExpertMath, grouped_experts_reference  # noqa: E402
+from expertflow_compile.kernels.reference import grouped_experts_reference  # noqa: E402
+from expertflow_compile.layer import ExpertMath  # noqa: E402
 from expertflow_compile.kernels.triton_moe import (  # noqa: E402
     KernelConfig, MoEConfig, SlotTable, moe_align_block_size, slot_tables_from_views, triton_grouped_experts,
 )

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from expertflow_compile.config import ExpertFlowConfig
-from expertflow_compile.kernels.reference import ExpertMath
-from expertflow_compile.runtime.engine import ExpertEngine, LayerPlan, attach_store
-from expertflow_compile.runtime.store import ExpertList
+from expertflow_compile.layer import ExpertList, ExpertMath, LayerPlan
+from expertflow_compile.runtime.engine import ExpertEngine, attach_store
 
 
 def _plan(layer):

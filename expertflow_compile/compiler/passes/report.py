@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["BlockReport", "GraphReport", "ExplainReport"]
+__all__ = ["BlockReport", "GraphReport", "ExplainReport", "PassTiming"]
 
 
 @dataclass
@@ -36,12 +36,22 @@ class BlockReport:
                 f"      check      {self.check}")
 
 
+@dataclass(frozen=True)
+class PassTiming:
+    """One pass of the pipeline on one graph: its name, the blocks it left, its time."""
+
+    name: str
+    blocks: int
+    ms: float
+
+
 @dataclass
 class GraphReport:
     index: int
     blocks: list[BlockReport] = field(default_factory=list)
     code: str = ""
     num_nodes: int = 0
+    passes: list[PassTiming] = field(default_factory=list)   # in the order they ran
 
     @property
     def rewritten(self) -> list[BlockReport]:

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from ...layer import unwrap_compiled
 from ..files import open_safetensors
 from ..trace import RoutingTrace, require_fingerprint, router_digest, router_weights
 from .common import ModelView, Ranked, ranked_votes
@@ -256,7 +257,7 @@ class PathPredictor:
 
 
 def _embeddings(model, token_ids: torch.Tensor) -> torch.Tensor:
-    mod = getattr(model, "_orig_mod", model)
+    mod = unwrap_compiled(model)
     emb = mod.get_input_embeddings()
     with torch.no_grad():
         out = []
