@@ -289,11 +289,12 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     # oracle: every future use is hinted, so an unhinted expert is never used again
     strategy = PredictivePolicy(estimate_unhinted=False) if oracle else policy
     cache = ExpertCache(store, slots, policy=strategy, prefetch="deferred", stats=RuntimeStats(routing_limit=0))
-    if predictor == "oracle" and predictions is None:
-        predictions = [[(c.layer, c.active, [1.0] * len(c.active))] for c in calls]
+    uses = _next_uses(calls) if oracle else None
+    if predictor == "oracle" and predictions is None:   # the true experts, in the order the call uses its misses
+        predictions = [[(c.layer, sorted(c.active, key=lambda e: -_next_after(uses, (c.layer, e), i)),
+                         [1.0] * len(c.active))] for i, c in enumerate(calls)]
     if predictions is None and candidates is not None and predictor not in ("none", "oracle-distance"):
         predictions = call_predictions(trace, calls, candidates, issue)
-    uses = _next_uses(calls) if oracle else None
     n_layers = len(trace.layers)
     try:
         for i, c in enumerate(calls):
