@@ -300,8 +300,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
         for i, c in enumerate(calls):
             if per_call is not None:
                 before = (cache.stats.prefetch_loads, cache.stats.demand_loads)
-            cache.enter_layer(c.layer)           # as the first acquire would: predictions below are for this move
             if oracle:
+                cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
             waiting: set[int] = set()            # this layer's confident predictions that found no slot yet
             if predictions is not None:
@@ -323,16 +323,20 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
             # the router ran: a waiting prediction it disagrees with is dropped before any transfer;
             # one it agrees with is loaded into the first slot the call frees, before its turn
             waiting &= set(missing)
-            for e in resident_now + missing:
+            for group in ([resident_now] if resident_now else []) + [[e] for e in missing]:
+                e = group[0]
                 if e in waiting and not cache.is_resident(c.layer, e):
                     cache.prefetch(c.layer, [e])
                     cache.run_prefetches()
-                cache.acquire(c.layer, e)
-                cache.release(c.layer, e)
-                if oracle:
-                    nxt = _next_after(uses, (c.layer, e), i)
-                    if nxt != math.inf:
-                        cache.set_predicted(c.layer, [e], nxt - i)
+                lease = cache.acquire_layer(c.layer, group, loads="lazy")
+                try:
+                    for e, _views in lease:
+                        if oracle:
+                            nxt = _next_after(uses, (c.layer, e), i)
+                            if nxt != math.inf:
+                                cache.set_predicted(c.layer, [e], nxt - i)
+                finally:
+                    lease.release()
             if per_call is not None:
                 per_call.append((cache.stats.prefetch_loads - before[0], cache.stats.demand_loads - before[1]))
         s = cache.stats.as_dict()
