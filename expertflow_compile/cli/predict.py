@@ -131,7 +131,8 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
             for l in layers:
                 p, r = prediction_metrics(sources[name][l], trace.ids[l])
                 quality[name][str(l)] = {"precision": p, "recall": r}
-    result = {"tokens_in_trace": trace.num_tokens, "min_confidence": min_confidence, "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
+    result = {"tokens_in_trace": trace.num_tokens, "min_confidence": min_confidence, "extra_candidates": extra,
+              "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
               "prediction": quality, "replay": []}
     total = sum(trace.num_experts[l] for l in layers)
     jobs = []
@@ -170,7 +171,7 @@ def format_tables(result: dict) -> str:
     if q:
         layers = sorted({l for v in q.values() for l in v}, key=int)
         lines.append("Per-layer prediction quality (held-out, per token, top-k+%s candidates): precision / recall"
-                     % (int(next(iter(result["candidates_per_token"].values()))) - 2))
+                     % result.get("extra_candidates", 1))
         lines.append("  predictor  " + "  ".join(f"layer {l:>2}   " for l in layers) + "  mean")
         for name, per in q.items():
             ps = [per[l]["precision"] for l in layers]
