@@ -303,6 +303,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
             if oracle:
                 cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
+            # resident when the call began (landed prefetches come after them, in the call's order of misses)
+            resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
             waiting: set[int] = set()            # this layer's confident predictions that found no slot yet
             if predictions is not None:
                 for pred in predictions[i]:
@@ -315,7 +317,6 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                         if own:
                             waiting.update(ranked)
                 cache.run_prefetches()
-            resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
             here = set(resident_now)
             missing = [e for e in c.active if e not in here]
             if oracle:
