@@ -305,8 +305,9 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
             if oracle:
                 cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
-            # resident when the call began (landed prefetches come after them, in the call's order of misses)
-            resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
+            # the oracle takes MIN's order: the experts resident when the call began, then its misses
+            # (landed prefetches included) furthest next use first
+            resident_now = [e for e in c.active if cache.is_resident(c.layer, e)] if oracle else None
             waiting: set[int] = set()            # this layer's confident predictions that found no slot yet
             if predictions is not None:
                 for pred in predictions[i]:
@@ -319,6 +320,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                         if own:
                             waiting.update(ranked)
                 cache.run_prefetches()
+            if resident_now is None:             # the engine's order: what is ready when the call acquires, first
+                resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
             here = set(resident_now)
             missing = [e for e in c.active if e not in here]
             if oracle:
