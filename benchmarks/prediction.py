@@ -13,10 +13,14 @@
    (the measured precision of their rank) is >= --min-confidence; prefetches never evict an
    expert predicted to be needed no later (do no harm).
 
-Writes benchmarks/results/prediction[_MODEL].json and .png. Intermediate files (traces,
-predictor) go to --work (reused when present). --no-path skips training the path predictor.
+4. Issue 14's acceptance grid (oracle, lookahead, path x 12.5/25/50% x batch 1 and 8, with
+   LRU and MIN in the same rows), for every model of the run, printed together at the end.
 
-    python benchmarks/prediction.py [--model tiny_qwen2_moe] [--work /tmp/efp] [--train-tokens 102400]
+Writes benchmarks/results/prediction[_MODEL].json and .png per model. Intermediate files
+(traces, predictor) go to --work (reused when present). --no-path skips training the path
+predictor. ``--model all`` (the default) runs both shipped models in one run.
+
+    python benchmarks/prediction.py [--model all|tiny_mixtral|tiny_qwen2_moe] [--work DIR] [--train-tokens 102400]
                                     [--max-tokens 8192] [--no-path] [--min-confidence 0.8]
 """
 
@@ -36,15 +40,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 def main(argv=None) -> int:
     import torch
 
-    from expertflow_compile.assets import DEFAULT_MODEL, HELDOUT_TEXT, SHIPPED_MODELS, shipped_model_path
-    from expertflow_compile.cli.main import _load_checkpoint
-    from expertflow_compile.cli.predict import (DOC_SEPARATOR, evaluate, format_tables, text_batches,
-                                                training_documents)
-    from expertflow_compile.runtime.prediction import PathPredictor, train_path_predictor
-    from expertflow_compile.runtime.trace import RoutingTrace, record_routing
+    from expertflow_compile.assets import SHIPPED_MODELS
+    from expertflow_compile.cli.predict import format_acceptance
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL, choices=list(SHIPPED_MODELS), help="a shipped model")
+    ap.add_argument("--model", default="all", choices=["all"] + list(SHIPPED_MODELS),
+                    help="a shipped model, or all of them (default)")
     ap.add_argument("--work", default=None, help="default /tmp/efp (tiny_mixtral) or /tmp/efp_MODEL")
     ap.add_argument("--no-path", action="store_true", help="skip the path predictor (its training takes minutes)")
     ap.add_argument("--min-confidence", type=float, default=0.8)
@@ -54,26 +55,47 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if args.work is None:
-        args.work = "/tmp/efp" if args.model == DEFAULT_MODEL else f"/tmp/efp_{args.model}"
-    suffix = "" if args.model == DEFAULT_MODEL else f"_{args.model}"
-    os.makedirs(args.work, exist_ok=True)
+    models = list(SHIPPED_MODELS) if args.model == "all" else [args.model]
+    if args.work is not None and len(models) > 1:
+        ap.error("--work names one model's folder: give --model too")
+    grids = [(name, run_model(name, args)) for name in models]
+    print()
+    for name, result in grids:
+        print(format_acceptance(result["acceptance"], name))
+        print()
+    return 0
+
+
+def run_model(name: str, args) -> dict:
+    """Steps 1-4 for one shipped model; writes its JSON and PNG and returns the result."""
+    import torch
+
+    from expertflow_compile.assets import DEFAULT_MODEL, HELDOUT_TEXT, shipped_model_path
+    from expertflow_compile.cli.main import _load_checkpoint
+    from expertflow_compile.cli.predict import (DOC_SEPARATOR, acceptance, evaluate, format_tables, text_batches,
+                                                training_documents)
+    from expertflow_compile.runtime.prediction import PathPredictor, train_path_predictor
+    from expertflow_compile.runtime.trace import RoutingTrace, record_routing
+
+    work = args.work or ("/tmp/efp" if name == DEFAULT_MODEL else f"/tmp/efp_{name}")
+    suffix = "" if name == DEFAULT_MODEL else f"_{name}"
+    os.makedirs(work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    model, tok = _load_checkpoint(shipped_model_path(args.model))
+    model, tok = _load_checkpoint(shipped_model_path(name))
     t0 = time.perf_counter()
 
-    train_trace_path = os.path.join(args.work, "train_trace.safetensors")
+    train_trace_path = os.path.join(work, "train_trace.safetensors")
     if not args.no_path and not os.path.exists(train_trace_path):
         docs = training_documents()
         docs.sort(key=lambda t: hashlib.sha256(t.encode()).hexdigest())   # mix doc kinds, deterministic
         batches = text_batches(tok, DOC_SEPARATOR.join(docs), max_tokens=args.train_tokens)
         record_routing(model, batches).save(train_trace_path)
-    pred_path = os.path.join(args.work, "path.safetensors")
+    pred_path = os.path.join(work, "path.safetensors")
     if not args.no_path and not os.path.exists(pred_path):
         trace = RoutingTrace.load(train_trace_path, model=model)
         train_path_predictor(trace, model, epochs=args.epochs).save(pred_path)
-    heldout_path = os.path.join(args.work, "heldout_trace.safetensors")
+    heldout_path = os.path.join(work, "heldout_trace.safetensors")
     if not os.path.exists(heldout_path):
         text = open(HELDOUT_TEXT, encoding="utf-8").read()
         record_routing(model, text_batches(tok, text)).save(heldout_path)
@@ -81,23 +103,26 @@ def main(argv=None) -> int:
     heldout = RoutingTrace.load(heldout_path, model=model)
     pred = None if args.no_path else PathPredictor.load(pred_path, model=model)
     result = evaluate(heldout, pred, model, max_tokens=args.max_tokens, min_confidence=args.min_confidence)
+    result["acceptance"] = acceptance(result)
     result["predictor_training"] = None if pred is None else pred.metrics
     result["setup"] = {
-        "model": f"expertflow_compile/assets/{args.model}",
+        "model": f"expertflow_compile/assets/{name}",
         "train_trace_tokens": None if args.no_path else RoutingTrace.load(train_trace_path).num_tokens,
         "heldout_trace_tokens": heldout.num_tokens,
         "replayed_tokens_per_mode": args.max_tokens,
-        "prefetch_model": "prefetches complete before the layer's experts are acquired (unlimited link: the "
-                          "ready rate is an upper bound; expertflow bench --link-bandwidth measures timing)",
+        "prefetch_model": "prefetches complete before the layer's experts are acquired; one for the layer about "
+                          "to run that finds no victim needed later than the slots the call frees is loaded into "
+                          "the first slot the call frees while the router agrees (unlimited link: the ready rate "
+                          "is an upper bound; expertflow bench --link-bandwidth measures timing)",
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    table = format_tables(result)
-    print(table)
+    print(f"== {name}")
+    print(format_tables(result))
     with open(os.path.join(args.out, f"prediction{suffix}.json"), "w") as f:
         json.dump(result, f, indent=1)
     _plot(result, os.path.join(args.out, f"prediction{suffix}.png"))
     print(f"wrote {args.out}/prediction{suffix}.json and prediction{suffix}.png")
-    return 0
+    return result
 
 
 def _plot(result: dict, path: str) -> None:

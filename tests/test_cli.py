@@ -155,6 +155,9 @@ def test_trace_train_predictor_eval_on_the_shipped_model(tmp_path, capsys):
     assert main(["eval", "--trace", trace_path, "--predictor", pred_path, "--max-tokens", "128"]) == 0
     out = capsys.readouterr().out
     assert "MIN (Belady)" in out and "lookahead" in out
+    # the acceptance grid: the oracle (the true future) makes MIN's loads with every use ready, at every point
+    grid = [ln.split() for ln in out.splitlines() if ln.strip().split()[2:3] == ["oracle"]]
+    assert len(grid) == 6 and all(row[-1] == "yes" for row in grid), grid
 
 
 def test_bench_without_matplotlib_writes_table_and_json(tmp_path, capsys, monkeypatch):

@@ -38,6 +38,11 @@ def _check_min_properties(trace, batch, slots):
     assert bypass_bound(calls, slots) <= mn.loads
     oracle = replay(trace, calls, slots, "predictive", "oracle-distance")
     assert oracle.loads == mn.loads, "predictive policy with the true next-use distances must make MIN's loads"
+    # prefetching the true experts (each waits for the slot Belady would free): MIN's loads, every use ready
+    future = replay(trace, calls, slots, "predictive", "oracle")
+    assert future.loads == mn.loads and future.ready == future.uses and future.wasted_loads == 0
+    # without streaming a prefetch takes what it finds before the call: never below MIN
+    assert replay(trace, calls, slots, "predictive", "oracle", stream=False).loads >= mn.loads
     lru = replay(trace, calls, slots, "lru")
     assert lru.resident <= mn.resident
     others = [lru, replay(trace, calls, slots, "lfu"), replay(trace, calls, slots, "predictive")]

@@ -16,7 +16,8 @@ import hashlib
 import json
 import os
 
-__all__ = ["add_commands", "evaluate", "format_tables", "text_batches", "training_documents", "DOC_SEPARATOR"]
+__all__ = ["add_commands", "evaluate", "format_tables", "acceptance", "format_acceptance", "text_batches",
+           "training_documents", "DOC_SEPARATOR"]
 
 DOC_SEPARATOR = "\n<|endoftext|>\n"
 PYTHON_DOCS = "/usr/share/doc/python3.11/html/_sources"
@@ -130,7 +131,8 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
             for l in layers:
                 p, r = prediction_metrics(sources[name][l], trace.ids[l])
                 quality[name][str(l)] = {"precision": p, "recall": r}
-    result = {"tokens_in_trace": trace.num_tokens, "min_confidence": min_confidence, "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
+    result = {"tokens_in_trace": trace.num_tokens, "min_confidence": min_confidence, "extra_candidates": extra,
+              "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
               "prediction": quality, "replay": []}
     total = sum(trace.num_experts[l] for l in layers)
     jobs = []
@@ -169,7 +171,7 @@ def format_tables(result: dict) -> str:
     if q:
         layers = sorted({l for v in q.values() for l in v}, key=int)
         lines.append("Per-layer prediction quality (held-out, per token, top-k+%s candidates): precision / recall"
-                     % (int(next(iter(result["candidates_per_token"].values()))) - 2))
+                     % result.get("extra_candidates", 1))
         lines.append("  predictor  " + "  ".join(f"layer {l:>2}   " for l in layers) + "  mean")
         for name, per in q.items():
             ps = [per[l]["precision"] for l in layers]
@@ -202,6 +204,57 @@ def format_tables(result: dict) -> str:
         lines.append(f"  {'(bypass lower bound)':<22}" + "".join(
             ("loads %.3f" % (m["bypass_bound_loads"] / m["tokens"])).rjust(30) for m in mins))
         lines.append("")
+    return "\n".join(lines)
+
+
+ORACLE_MAX_OVER_MIN, ORACLE_MIN_READY = 1.02, 0.99        # issue 14's acceptance
+PREDICTOR_MAX_OVER_MIN, PREDICTOR_MIN_READY = 1.3, 0.90
+
+
+def acceptance(result: dict) -> list[dict]:
+    """Issue 14's acceptance on an :func:`evaluate` result, one row per (batch, budget,
+    predictor): the oracle needs loads <= 1.02 x MIN and ready rate >= 0.99; lookahead and
+    path need loads <= 1.3 x MIN, ready rate >= 0.90 and no more loads than LRU's at the
+    same budget. Each row carries the figures and ``met``."""
+    rows = result["replay"]
+    out = []
+    for b in sorted({r["batch"] for r in rows}):
+        for share in sorted({r["budget"] for r in rows if r["batch"] == b}):
+            sub = {(r["policy"], r["predictor"]): r for r in rows if r["batch"] == b and r["budget"] == share}
+            lru = sub.get(("lru", "none"))
+            for pred in ("oracle", "lookahead", "path"):
+                r = sub.get(("predictive", pred))
+                if r is None:
+                    continue
+                over = r["loads"] / max(r["min_loads"], 1)
+                if pred == "oracle":
+                    checks = {"loads/MIN": over <= ORACLE_MAX_OVER_MIN, "ready": r["ready_rate"] >= ORACLE_MIN_READY}
+                else:
+                    checks = {"loads/MIN": over <= PREDICTOR_MAX_OVER_MIN,
+                              "ready": r["ready_rate"] >= PREDICTOR_MIN_READY,
+                              "<= LRU": lru is not None and r["loads"] <= lru["loads"]}
+                out.append({"batch": b, "budget": share, "predictor": pred, "loads_over_min": over,
+                            "ready_rate": r["ready_rate"], "loads_per_token": r["loads_per_token"],
+                            "lru_loads_per_token": None if lru is None else lru["loads_per_token"],
+                            "min_loads_per_token": r["min_loads"] / max(r["tokens"], 1),
+                            "failed": [k for k, ok in checks.items() if not ok], "met": all(checks.values())})
+    return out
+
+
+def format_acceptance(rows: list[dict], title: str = "") -> str:
+    """The acceptance grid as a table (one line per row of :func:`acceptance`)."""
+    lines = [f"Acceptance (issue 14){': ' + title if title else ''}: oracle loads <= {ORACLE_MAX_OVER_MIN} x MIN, "
+             f"ready >= {ORACLE_MIN_READY}; lookahead / path loads <= {PREDICTOR_MAX_OVER_MIN} x MIN, ready >= "
+             f"{PREDICTOR_MIN_READY}, loads <= LRU",
+             "  batch  budget  predictor   loads/tok   LRU    MIN   loads/MIN  ready  met"]
+    for r in rows:
+        lru = "-" if r["lru_loads_per_token"] is None else f"{r['lru_loads_per_token']:.2f}"
+        verdict = "yes" if r["met"] else "NO (" + ", ".join(r["failed"]) + ")"
+        lines.append(f"  {r['batch']:>5}  {100 * r['budget']:>5g}%  {r['predictor']:<10} {r['loads_per_token']:>9.2f} "
+                     f"{lru:>6} {r['min_loads_per_token']:>6.2f}   x{r['loads_over_min']:.2f}    {r['ready_rate']:.3f}  "
+                     f"{verdict}")
+    met = sum(r["met"] for r in rows)
+    lines.append(f"  met {met} of {len(rows)}")
     return "\n".join(lines)
 
 
@@ -280,7 +333,9 @@ def cmd_eval(args) -> int:
                        f"give 0..{room}")
     pred = _load_predictor("--predictor", args.predictor, model) if args.predictor else None
     result = evaluate(trace, pred, model, max_tokens=args.max_tokens, extra=args.extra)
+    result["acceptance"] = acceptance(result)
     print(format_tables(result))
+    print(format_acceptance(result["acceptance"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -376,12 +376,14 @@ class ExpertCache:
         """True when prefetches are queued (a worker, or deferred) and the cache is open."""
         return (self._thread is not None or self._deferred_mode) and not self._closed
 
-    def prefetch(self, layer: int, experts) -> int:
+    def prefetch(self, layer: int, experts, *, harm_limit: float | None = None) -> int:
         """Enqueue asynchronous loads of the non-resident ``experts`` of ``layer``.
 
         Never blocks on I/O. Never evicts pinned, in-flight or protected slots, nor experts
-        of this same request; stops early when no slot can be freed. Returns how many loads
-        were enqueued (0 when prefetching is off or the cache is closed).
+        of this same request, nor an expert predicted to be used within ``harm_limit`` layer
+        moves (default: the prefetched layer's distance; a caller that knows the layer call
+        will free better slots passes more); stops early when no slot can be freed. Returns
+        how many loads were enqueued (0 when prefetching is off or the cache is closed).
         """
         layer = int(layer)
         req = list(dict.fromkeys(map(int, experts)))
@@ -397,6 +399,8 @@ class ExpertCache:
                 known = [d - self.strategy.clock for d in due if d is not None]
                 if known:
                     dist = min(dist, max(0, min(known)))
+            if harm_limit is not None:
+                dist = max(dist, harm_limit)
             if not self.prefetching:
                 return 0
             skip = protected = None

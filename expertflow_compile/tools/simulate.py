@@ -290,6 +290,8 @@ def assumptions(shape: ModelShape, profile: HardwareProfile, routing: str | None
         "prefetch for layer L is issued at L's attention and overlaps it; late prefetch and demand loads stall",
         "prefetches are issued when their confidence (measured precision of their rank) is high enough, and never "
         "evict an expert predicted to be needed no later (do no harm); MIN (bound) prices Belady's MIN loads",
+        "a prediction for the layer about to run that waits for a slot the call frees (and the router confirms) is "
+        "priced as a prefetch overlapping the attention",
         routing or (f"routing: the shipped {trace_model_for(shape)}'s recorded routing mapped onto this shape (see "
                     "`expertflow_compile/tools/simulate.py`)"),
     ]
