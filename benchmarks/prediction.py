@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     import torch
 
     from expertflow_compile.assets import SHIPPED_MODELS
-    from expertflow_compile.cli.predict import format_acceptance
+    from expertflow_compile.tools.evaluate import format_acceptance
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="all", choices=["all"] + list(SHIPPED_MODELS),
@@ -72,8 +72,8 @@ def run_model(name: str, args) -> dict:
 
     from expertflow_compile.assets import DEFAULT_MODEL, HELDOUT_TEXT, shipped_model_path
     from expertflow_compile.cli.main import _load_checkpoint
-    from expertflow_compile.cli.predict import (DOC_SEPARATOR, acceptance, evaluate, format_tables, text_batches,
-                                                training_documents)
+    from expertflow_compile.tools.evaluate import (DOC_SEPARATOR, acceptance, evaluate, format_tables, text_batches,
+                                                   training_documents)
     from expertflow_compile.runtime.prediction import PathPredictor, train_path_predictor
     from expertflow_compile.runtime.trace import RoutingTrace, record_routing
 
