@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ExpertFlowConfig
-from ..kernels.reference import ExpertMath, combine_topk, expert_forward, prescale_rows
+from ..kernels.reference import ExpertMath, combine_topk, combine_topk_inverse, expert_forward, prescale_rows
 from .prediction import LAYER_SHIFT, LookaheadPredictor, ModelView, cap, decode, encode, make_predictor
 from .layer_math import layer_forward
 from .registry import (  # noqa: F401 - the registry's names stay importable from here
@@ -369,11 +369,17 @@ class ExpertEngine:
             fused = self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down)
             if fused is not None:
                 return fused
+        inverse = None
         if host is not None:
             pairs = host[0]
-            order = torch.tensor(pairs, dtype=torch.int64, device=hidden.device)
-            rows = hidden.index_select(0, torch.tensor([i // top_k for i in pairs], dtype=torch.int64,
-                                                       device=hidden.device))
+            dev = hidden.device
+            inv = [0] * len(pairs)
+            for j, i in enumerate(pairs):
+                inv[i] = j
+            inverse = torch.tensor(inv, dtype=torch.int64, device=dev)
+            rows = hidden.index_select(0, torch.tensor([i // top_k for i in pairs], dtype=torch.int64, device=dev))
+            if plan.math.prescale:
+                order = torch.tensor(pairs, dtype=torch.int64, device=dev)
         else:
             rows = hidden[order // top_k]
         if plan.math.prescale:
@@ -388,8 +394,10 @@ class ExpertEngine:
             out_rows = self._cached_experts(plan, active, spans, rows)
         if out_rows.dtype != plan.rows_dtype:
             out_rows = out_rows.to(plan.rows_dtype)
-        return combine_topk(out_rows, torch.ones_like(topk_weights) if plan.math.prescale else topk_weights,
-                            order, hidden.dtype)
+        weights = torch.ones_like(topk_weights) if plan.math.prescale else topk_weights
+        if inverse is not None:
+            return combine_topk_inverse(out_rows, weights, inverse, hidden.dtype)
+        return combine_topk(out_rows, weights, order, hidden.dtype)
 
     def _resident_views(self, plan, w_up, w_down, b_up, b_down, w_up2) -> list:
         """Per expert ``{name: tensor}`` of the model's own weights (made once per layer)."""
