@@ -47,9 +47,15 @@ class StackedTensorStore(ExpertStore):
 
     def read_into(self, layer: int, expert: int, out) -> None:
         self._check_key(layer, expert)
-        with torch.no_grad():
-            for name, t in self._tensors[layer].items():
-                out[name].copy_(t[expert])
+        for name, views in self._views(layer).items():   # detached tensors: nothing to record
+            out[name].copy_(views[expert])
+
+    def _views(self, layer: int) -> dict[str, tuple]:
+        """``{name: per-expert views}`` of ``layer`` (made once)."""
+        per = self._per_expert.get(layer)
+        if per is None:
+            per = self._per_expert[layer] = {name: t.unbind(0) for name, t in self._tensors[layer].items()}
+        return per
 
     def read_many(self, layer: int, experts: list[int], out: dict[str, torch.Tensor], rows: list[int]) -> None:
         """``out[name][rows[i]] = expert experts[i]'s tensor`` for every name: ``out`` holds
@@ -60,10 +66,7 @@ class StackedTensorStore(ExpertStore):
         if min(experts) < 0:
             raise IndexError(f"expert {min(experts)} out of range for layer {layer} ({spec.num_experts} experts)")
         if len(experts) <= _FEW:
-            per = self._per_expert.get(layer)
-            if per is None:
-                per = self._per_expert[layer] = {name: t.unbind(0) for name, t in self._tensors[layer].items()}
-            for name, views in per.items():
+            for name, views in self._views(layer).items():
                 dst = out[name]
                 for e, r in zip(experts, rows):
                     dst[r].copy_(views[e])
