@@ -16,6 +16,11 @@ Data flow per MoE block::
 ``token`` feeds ``grouped_gemm`` so that dead-code elimination keeps ``prefetch`` and
 the prefetch is issued before the block computes.
 
+A graph run eagerly calls the plain functions at the end of this module instead
+(``passes/lower.py``): ``run_prediction`` (predict + prefetch) and ``run_routed_experts``
+(permute + grouped_gemm), same work without the dispatcher's route to a Python op; they
+call the ops themselves when autograd records.
+
 Inference only: the expert ops have an autograd registration whose ``setup_context``
 raises :class:`~expertflow_compile.errors.InferenceOnlyError`, so a forward with autograd
 recording (grad enabled and an input that requires grad, e.g. the model's parameters)
