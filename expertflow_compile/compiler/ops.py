@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InferenceOnlyError
+from ..kernels.reference import permute_math
 
 __all__ = ["predict", "prefetch", "permute", "grouped_gemm", "grouped_gemm_modules", "permute_math",
            "run_prediction", "run_routed_experts", "run_routed_expert_modules"]
@@ -80,17 +81,6 @@ def prefetch(predicted: torch.Tensor, engine_id: int, layer: int) -> torch.Tenso
 @prefetch.register_fake
 def _(predicted, engine_id, layer):
     return predicted.new_empty((1,), dtype=torch.uint8)
-
-
-def permute_math(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`permute`'s computation, as a plain function (the runtime calls it directly)."""
-    flat = topk_ids.reshape(-1)
-    _, order = torch.sort(flat, stable=True)
-    valid = (flat >= 0) & (flat < num_experts)
-    counts = torch.bincount(flat[valid], minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return order, offsets
 
 
 @torch.library.custom_op("expertflow::permute", mutates_args=())

@@ -21,7 +21,8 @@ import torch
 
 from .dequant import expert_weight
 
-__all__ = ["ExpertMath", "SplitGate", "expert_forward", "combine_topk", "prescale_rows"]
+__all__ = ["ExpertMath", "SplitGate", "expert_forward", "combine_topk", "combine_topk_inverse", "permute_math",
+           "prescale_rows"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,19 @@ class SplitGate:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.fn(h[..., :self.split], h[..., self.split:])
+
+
+def permute_math(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``expertflow::permute`` op's computation: ``order`` (the flattened (token, k) pairs
+    grouped by expert, stable within one) and ``offsets`` ([E+1]: expert e owns
+    ``order[offsets[e]:offsets[e+1]]``); ids outside ``[0, num_experts)`` are in no expert."""
+    flat = topk_ids.reshape(-1)
+    _, order = torch.sort(flat, stable=True)
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
 
 
 def prescale_rows(rows: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

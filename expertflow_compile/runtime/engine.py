@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ExpertFlowConfig
-from ..kernels.reference import ExpertMath, combine_topk, combine_topk_inverse, expert_forward, prescale_rows
+from ..kernels.reference import (ExpertMath, combine_topk, combine_topk_inverse, expert_forward, permute_math,
+                                 prescale_rows)
 from .prediction import LAYER_SHIFT, LookaheadPredictor, ModelView, cap, decode, encode, make_predictor
 from .layer_math import layer_forward
 from .registry import (  # noqa: F401 - the registry's names stay importable from here
@@ -318,8 +319,6 @@ class ExpertEngine:
         lists = up_list is not None or down_list is not None
         if topk_ids.numel() > _HOST_ROUTE_MAX or (self.config.kernels != "torch" and (
                 hidden.is_cuda or self.config.kernels == "triton")):
-            from ..compiler.ops import permute_math
-
             order, offsets = permute_math(topk_ids, plan.num_experts)
             active, offs = _spans(offsets, order.numel(), layer, plan.num_experts)
             spans = [(offs[e], offs[e + 1]) for e in active]

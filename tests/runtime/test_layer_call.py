@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expertflow_compile.compiler.ops import permute_math
-from expertflow_compile.kernels.reference import ExpertMath, combine_topk, combine_topk_inverse, expert_forward
+from expertflow_compile.kernels.reference import (ExpertMath, combine_topk, combine_topk_inverse, expert_forward,
+                                                  permute_math)
 from expertflow_compile.runtime.engine import _host_route
 from expertflow_compile.runtime.host_tensors import StackedTensorStore
 from expertflow_compile.runtime.layer_math import layer_forward
