@@ -22,6 +22,7 @@ from ..config import ExpertFlowConfig
 from ..errors import OptionError
 from ..runtime.engine import ExpertEngine
 from .fallback import install as _install_eager_fallback
+from .passes.lower import lower_for_eager
 from .passes.report import GraphReport
 from .pipeline import GraphState, run_passes
 from .traceable import install as _install_traceable
@@ -76,8 +77,8 @@ def expertflow_backend(gm: fx.GraphModule, example_inputs: list, options: dict |
     config = ExpertFlowConfig.from_options(options)
     gm, _, _ = compile_graph(gm, example_inputs, config, _current_sink(),
                              options if isinstance(options, dict) else None)
-    if config.inner_backend == "eager":
-        return gm.forward
+    if config.inner_backend == "eager":   # direct calls instead of the ops (passes/lower.py)
+        return lower_for_eager(gm).forward
     from torch._dynamo.backends.registry import lookup_backend
 
     compiled = lookup_backend(config.inner_backend)(gm, example_inputs)

@@ -16,6 +16,11 @@ Data flow per MoE block::
 ``token`` feeds ``grouped_gemm`` so that dead-code elimination keeps ``prefetch`` and
 the prefetch is issued before the block computes.
 
+A graph run eagerly calls the plain functions at the end of this module instead
+(``passes/lower.py``): ``run_prediction`` (predict + prefetch) and ``run_routed_experts``
+(permute + grouped_gemm), same work without the dispatcher's route to a Python op; they
+call the ops themselves when autograd records.
+
 Inference only: the expert ops have an autograd registration whose ``setup_context``
 raises :class:`~expertflow_compile.errors.InferenceOnlyError`, so a forward with autograd
 recording (grad enabled and an input that requires grad, e.g. the model's parameters)
@@ -29,8 +34,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import InferenceOnlyError
+from ..kernels.reference import permute_math
 
-__all__ = ["predict", "prefetch", "permute", "grouped_gemm", "grouped_gemm_modules"]
+__all__ = ["predict", "prefetch", "permute", "grouped_gemm", "grouped_gemm_modules", "permute_math",
+           "run_prediction", "run_routed_experts", "run_routed_expert_modules"]
 
 
 def _engine(engine_id: int):
@@ -84,13 +91,7 @@ def permute(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, tor
     expert) and ``offsets`` (int64 [E+1]: expert e owns ``order[offsets[e]:offsets[e+1]]``).
     Ids outside ``[0, num_experts)`` are counted in no expert (they sort to the tail).
     """
-    flat = topk_ids.reshape(-1)
-    _, order = torch.sort(flat, stable=True)
-    valid = (flat >= 0) & (flat < num_experts)
-    counts = torch.bincount(flat[valid], minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return order, offsets
+    return permute_math(topk_ids, num_experts)
 
 
 @permute.register_fake
@@ -181,3 +182,51 @@ def _never_called(ctx, *grads):   # pragma: no cover - setup_context refuses fir
 torch.library.register_autograd("expertflow::grouped_gemm", _never_called, setup_context=_refuse_autograd(10))
 torch.library.register_autograd("expertflow::grouped_gemm_modules", _never_called,
                                 setup_context=_refuse_autograd(8))
+
+
+# ----- direct calls: what an eager-run graph calls instead of the ops (passes/lower.py) ------
+# The dispatcher's route to a Python custom op (the autograd wrapper, redispatch, the backend
+# wrapper) costs several times what the ops themselves do per decode step. A rewritten graph
+# that runs eagerly (inner backend "eager") calls these plain functions instead: each does
+# exactly what its ops do, and when autograd would record (grad enabled and an input that
+# requires grad) it calls the ops themselves, so InferenceOnlyError stays as it is.
+
+def _records(*args) -> bool:
+    return torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
+def run_prediction(hidden: torch.Tensor, engine_id: int, layer: int, width: int) -> None:
+    """``prefetch(predict(hidden, ...))`` in one call; the token it returns is None (the
+    graph's order of calls already issues the prefetch before the layer's experts)."""
+    eng = _engine(engine_id)
+    if eng is not None:
+        eng.prefetch(layer, eng.predict(layer, hidden, width))
+
+
+def run_routed_experts(hidden, topk_weights, topk_ids, num_experts, token, w_up, w_down, b_up, b_down, engine_id,
+                       layer, w_up2=None):
+    """``grouped_gemm(hidden, topk_weights, *permute(topk_ids, num_experts), token, ...)``."""
+    if _records(hidden, topk_weights, w_up, w_down, b_up, b_down, w_up2):
+        order, offsets = permute(topk_ids, num_experts)
+        return grouped_gemm(hidden, topk_weights, order, offsets, _token(token, hidden), w_up, w_down, b_up, b_down,
+                            engine_id, layer, w_up2)
+    return _serving(engine_id, layer, [w_up, w_down, b_up, b_down, w_up2]).routed_experts(
+        layer, hidden, topk_weights, topk_ids, w_up, w_down, b_up, b_down, w_up2)
+
+
+def run_routed_expert_modules(hidden, topk_weights, topk_ids, num_experts, token, up_list, down_list, engine_id,
+                              layer):
+    """``grouped_gemm_modules(hidden, topk_weights, *permute(topk_ids, num_experts), token, ...)``."""
+    if _records(hidden, topk_weights, up_list, down_list):
+        order, offsets = permute(topk_ids, num_experts)
+        return grouped_gemm_modules(hidden, topk_weights, order, offsets, _token(token, hidden), up_list, down_list,
+                                    engine_id, layer)
+    from ..layer import ExpertList
+
+    eng = _serving(engine_id, layer, [ExpertList(up_list), ExpertList(down_list), None, None, None])
+    return eng.routed_experts(layer, hidden, topk_weights, topk_ids, None, None, None, None, None, up_list,
+                              down_list)
+
+
+def _token(token, like: torch.Tensor) -> torch.Tensor:
+    return token if token is not None else torch.zeros(1, dtype=torch.uint8, device=like.device)

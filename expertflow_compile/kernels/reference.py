@@ -15,12 +15,27 @@ weight to the dtype of the rows it multiplies, right before its matmul.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+
 import torch
 
 from ..layer import ExpertMath
 from .dequant import expert_weight
 
-__all__ = ["expert_forward", "combine_topk", "prescale_rows", "grouped_experts_reference"]
+__all__ = ["expert_forward", "combine_topk", "combine_topk_inverse", "permute_math", "prescale_rows",
+           "grouped_experts_reference"]
+
+
+def permute_math(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``expertflow::permute`` op's computation: ``order`` (the flattened (token, k) pairs
+    grouped by expert, stable within one) and ``offsets`` ([E+1]: expert e owns
+    ``order[offsets[e]:offsets[e+1]]``); ids outside ``[0, num_experts)`` are in no expert."""
+    flat = topk_ids.reshape(-1)
+    _, order = torch.sort(flat, stable=True)
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
 
 
 def prescale_rows(rows: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -71,6 +86,20 @@ def combine_topk(
     unsorted = torch.empty_like(weighted)
     unsorted[order] = weighted
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(out_dtype)
+
+
+def combine_topk_inverse(
+    expert_rows: torch.Tensor,
+    topk_weights: torch.Tensor,
+    inverse: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`combine_topk` given the inverse of ``order`` (``inverse[order[j]] == j``): the rows
+    are put back in (token, k) order first, then weighted - elementwise the same products, so
+    the same result bit for bit, with one gather instead of a gather and a scatter."""
+    num_tokens, top_k = topk_weights.shape
+    weighted = expert_rows.index_select(0, inverse) * topk_weights.reshape(-1, 1)
+    return weighted.view(num_tokens, top_k, -1).sum(dim=1).to(out_dtype)
 
 
 def grouped_experts_reference(

@@ -140,11 +140,18 @@ class _Counts:
             setattr(self, name, 0)
 
     def flush(self, stats: RuntimeStats, layer: int) -> None:
-        counts = {n: getattr(self, n) for n in self.__slots__[:-1] if getattr(self, n)}
-        if counts or self.stall:
-            stats.add(layer, stall=self.stall, **counts)
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        counts = {}
+        for name in _COUNT_NAMES:
+            n = getattr(self, name)
+            if n:
+                counts[name] = n
+                setattr(self, name, 0)
+        stall, self.stall = self.stall, 0
+        if counts or stall:
+            stats.add(layer, stall=stall, **counts)
+
+
+_COUNT_NAMES = _Counts.__slots__[:-1]   # every counter but stall
 
 
 def _worker_main(ref, q: queue.SimpleQueue, device: torch.device) -> None:
@@ -946,8 +953,16 @@ class ExpertCache:
         elif missing:
             queue = self._queue_misses and self.prefetching
             ids = self._load_ids
+            victim_of = strategy.victim
             for i, e in enumerate(missing):
-                slot = self._free_or_victim()
+                if self._free or len(self._slots) < self.num_slots:
+                    slot = self._unused_slot()
+                else:   # _free_or_victim's usual case, inline: the policy's candidate
+                    slot = victim_of(())
+                    if slot is None:
+                        slot = self._find_victim(None, demand=True)
+                    else:
+                        self._evict_candidate(slot)
                 if slot is None:
                     if not all_at_once:
                         deferred = missing[i:]
@@ -1019,15 +1034,26 @@ class ExpertCache:
             return None
         if victim is None:
             return self._find_victim(skip, demand=True) if demand else None
-        key = victim.key                      # a candidate: READY, unpinned, not protected
+        self._evict_candidate(victim)
+        return victim
+
+    def _evict_candidate(self, victim: _Slot) -> None:
+        """Drop the expert of ``victim``, a candidate the policy has just handed out (READY,
+        unpinned, not protected); the slot is FREE and off every list."""
+        key = victim.key
+        layer = key[0]
         del self._table[key]
-        self._ready[key[0]].discard(key[1])
-        self.pool.clear(*key)
-        self._count_eviction(key[0], wasted=int(victim.prefetched))
+        self._ready[layer].discard(key[1])
+        self.pool.clear(layer, key[1])
+        acc = self._evicted.get(layer)
+        if acc is None:
+            acc = self._evicted[layer] = [0, 0, 0]
+        acc[0] += 1
+        if victim.prefetched:
+            acc[1] += 1
         victim.key = None
         victim.state = _FREE
         victim.prefetched = victim.demand = False
-        return victim
 
     def _rollback(self, lease: LayerLease, assigned) -> None:
         for slot in assigned:           # never submitted: freed when unpinned

@@ -27,7 +27,7 @@ import logging
 import torch
 
 from ..config import ExpertFlowConfig
-from ..kernels.reference import combine_topk, expert_forward, prescale_rows
+from ..kernels.reference import combine_topk, combine_topk_inverse, expert_forward, permute_math, prescale_rows
 from ..layer import ExpertList, LayerPlan
 from .prediction import LAYER_SHIFT, LookaheadPredictor, ModelView, cap, decode, encode, make_predictor
 from .layer_math import layer_forward
@@ -64,6 +64,34 @@ def _spans(offsets: torch.Tensor, num_pairs: int, layer: int, num_experts: int):
                            "to drop them silently")
     nxt = offs[1:]
     return [e for e, (a, b) in enumerate(zip(offs, nxt)) if b > a], offs
+
+
+_HOST_ROUTE_MAX = 1024   # (token, k) pairs up to which routing is grouped on the host (routed_experts)
+
+
+def _host_route(topk_ids: torch.Tensor, layer: int, num_experts: int):
+    """``(active experts, their row spans, pair order)`` from the router's ids, grouped on the
+    host: the same stable order ``permute`` gives (pairs by expert, in pair order within one)."""
+    flat = topk_ids.reshape(-1).tolist()
+    buckets: dict[int, list[int]] = {}
+    for i, e in enumerate(flat):
+        b = buckets.get(e)
+        if b is None:
+            buckets[e] = [i]
+        else:
+            b.append(i)
+    active = sorted(buckets)
+    if active and (active[0] < 0 or active[-1] >= num_experts):
+        bad = sum(len(v) for e, v in buckets.items() if not 0 <= e < num_experts)
+        raise RuntimeError(f"expertflow: MoE layer {layer} got expert ids outside [0, {num_experts}) "
+                           f"({bad} of {len(flat)} (token, k) pairs); refusing to drop them silently")
+    pairs: list[int] = []
+    spans = []
+    for e in active:
+        a = len(pairs)
+        pairs += buckets[e]
+        spans.append((a, len(pairs)))
+    return active, spans, pairs
 
 
 def _signature(t):
@@ -248,31 +276,85 @@ class ExpertEngine:
     # ----- the grouped GEMM -----------------------------------------------------------
     def grouped_gemm(self, layer, hidden, topk_weights, order, offsets, w_up, w_down, b_up, b_down, w_up2=None,
                      up_list=None, down_list=None):
+        """The ``grouped_gemm`` op: routing already permuted (``order``/``offsets`` of ``permute``)."""
+        layer, plan, w = self._layer_weights(layer, w_up, w_down, b_up, b_down, w_up2, up_list, down_list)
+        active, offs = _spans(offsets, order.numel(), layer, plan.num_experts)
+        spans = [(offs[e], offs[e + 1]) for e in active]
+        return self._experts(plan, hidden, topk_weights, order, offsets, active, spans, None, w,
+                             up_list is not None or down_list is not None)
+
+    def routed_experts(self, layer, hidden, topk_weights, topk_ids, w_up, w_down, b_up, b_down, w_up2=None,
+                       up_list=None, down_list=None):
+        """``permute`` and ``grouped_gemm`` in one call, from the router's ``topk_ids`` [T, K]:
+        for a small call (decode) the grouping by expert is done on the host from the ids (the
+        one host transfer), with the same stable order as ``permute``; large calls and the
+        fused kernels take ``permute``'s tensors."""
+        layer, plan, w = self._layer_weights(layer, w_up, w_down, b_up, b_down, w_up2, up_list, down_list)
+        lists = up_list is not None or down_list is not None
+        if topk_ids.numel() > _HOST_ROUTE_MAX or (self.config.kernels != "torch" and (
+                hidden.is_cuda or self.config.kernels == "triton")):
+            order, offsets = permute_math(topk_ids, plan.num_experts)
+            active, offs = _spans(offsets, order.numel(), layer, plan.num_experts)
+            spans = [(offs[e], offs[e + 1]) for e in active]
+            return self._experts(plan, hidden, topk_weights, order, offsets, active, spans, None, w, lists)
+        active, spans, pairs = _host_route(topk_ids, layer, plan.num_experts)
+        return self._experts(plan, hidden, topk_weights, None, None, active, spans, (pairs, topk_ids), w, lists)
+
+    def _layer_weights(self, layer, w_up, w_down, b_up, b_down, w_up2, up_list, down_list):
+        """``(layer, plan, (up, down, up bias, down bias, up2))``: the layer these experts are
+        (module docstring of ``_resolve_layer``), its weights viewed per expert."""
         if up_list is not None:     # ModuleDict experts: one tensor per expert
             w_up = ExpertList(up_list)
         if down_list is not None:
             w_down = ExpertList(down_list)
-        layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down, w_up2)
+        known = self._layer_tensors.get(layer)
+        if known is None or known.get("up") is not w_up:
+            layer = self._resolve_layer(layer, w_up, w_down, b_up, b_down, w_up2)
         plan = self.layers[layer]
-        w_up, w_down, w_up2 = plan.viewed("up", w_up), plan.viewed("down", w_down), plan.viewed("up2", w_up2)
-        active, offs = _spans(offsets, order.numel(), layer, plan.num_experts)
+        if plan.views:
+            w_up, w_down, w_up2 = plan.viewed("up", w_up), plan.viewed("down", w_down), plan.viewed("up2", w_up2)
+        return layer, plan, (w_up, w_down, b_up, b_down, w_up2)
+
+    def _experts(self, plan, hidden, topk_weights, order, offsets, active, spans, host, w, lists):
+        """The layer call once its routing is grouped by expert: ``active`` experts, ``spans``
+        (their row ranges), and either ``order``/``offsets`` (tensors of ``permute``) or
+        ``host = (order as a list, topk_ids)`` (grouped on the host)."""
+        layer = plan.layer
+        w_up, w_down, b_up, b_down, w_up2 = w
         top_k = topk_weights.shape[-1]
         if self.recorder is not None:
-            ids = torch.empty(order.numel(), dtype=torch.int64)
-            for e in active:
-                ids[order[offs[e]:offs[e + 1]]] = e
-            self.recorder("route", layer, ids.view(-1, top_k), topk_weights.detach().float())
-        predicted = self._predicted.pop(layer, None)
+            if host is not None:
+                ids = host[1].reshape(-1, top_k).to("cpu", torch.int64, copy=True)
+            else:
+                ids = torch.empty(order.numel(), dtype=torch.int64)
+                for e, (a, b) in zip(active, spans):
+                    ids[order[a:b]] = e
+                ids = ids.view(-1, top_k)
+            self.recorder("route", layer, ids, topk_weights.detach().float())
+        predicted = self._predicted.pop(layer, None) if self._predicted else None
         if predicted is not None:
             p = self.prediction
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
-        fused = (None if plan.math.prescale or plan.has_up2 or up_list is not None or down_list is not None else
-                 self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down))
-        if fused is not None:
-            return fused
-        rows = hidden[order // top_k]
+        if offsets is not None and not (plan.math.prescale or plan.has_up2 or lists):
+            # (grouped on the host: routed_experts sends every call the kernels may take here)
+            fused = self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down)
+            if fused is not None:
+                return fused
+        inverse = None
+        if host is not None:
+            pairs = host[0]
+            dev = hidden.device
+            inv = [0] * len(pairs)
+            for j, i in enumerate(pairs):
+                inv[i] = j
+            inverse = torch.tensor(inv, dtype=torch.int64, device=dev)
+            rows = hidden.index_select(0, torch.tensor([i // top_k for i in pairs], dtype=torch.int64, device=dev))
+            if plan.math.prescale:
+                order = torch.tensor(pairs, dtype=torch.int64, device=dev)
+        else:
+            rows = hidden[order // top_k]
         if plan.math.prescale:
             rows = prescale_rows(rows, topk_weights, order)
         if not active:
@@ -280,14 +362,15 @@ class ExpertEngine:
         elif self.cache is None:
             self.stats.add(layer, hits=len(active), resident=len(active))
             per = self._resident_views(plan, w_up, w_down, b_up, b_down, w_up2)
-            out_rows = layer_forward(rows, [(offs[e], offs[e + 1]) for e in active], [per[e] for e in active],
-                                     plan.math)
+            out_rows = layer_forward(rows, spans, [per[e] for e in active], plan.math)
         else:
-            out_rows = self._cached_experts(plan, active, offs, rows)
+            out_rows = self._cached_experts(plan, active, spans, rows)
         if out_rows.dtype != plan.rows_dtype:
             out_rows = out_rows.to(plan.rows_dtype)
-        return combine_topk(out_rows, torch.ones_like(topk_weights) if plan.math.prescale else topk_weights,
-                            order, hidden.dtype)
+        weights = torch.ones_like(topk_weights) if plan.math.prescale else topk_weights
+        if inverse is not None:
+            return combine_topk_inverse(out_rows, weights, inverse, hidden.dtype)
+        return combine_topk(out_rows, weights, order, hidden.dtype)
 
     def _resident_views(self, plan, w_up, w_down, b_up, b_down, w_up2) -> list:
         """Per expert ``{name: tensor}`` of the model's own weights (made once per layer)."""
@@ -302,7 +385,7 @@ class ExpertEngine:
         self._views_of[plan.layer] = (key, per)
         return per
 
-    def _cached_experts(self, plan, active, offs, rows) -> torch.Tensor:
+    def _cached_experts(self, plan, active, spans, rows) -> torch.Tensor:
         """One cache call for the layer: every expert held until the layer's math is issued;
         when the slots cannot hold them all, in chunks, one expert at a time."""
         first = self.config.resident_first   # False: measurement baseline, expert-id order, loads on demand
@@ -312,11 +395,11 @@ class ExpertEngine:
                 parts: list = [None] * len(active)
                 index = {e: i for i, e in enumerate(active)}
                 for e, weights in lease:
-                    parts[index[e]] = expert_forward(rows[offs[e]:offs[e + 1]], weights, plan.math)
+                    a, b = spans[index[e]]
+                    parts[index[e]] = expert_forward(rows[a:b], weights, plan.math)
                 return torch.cat(parts)
             views = lease.wait_all()
-            return layer_forward(rows, [(offs[e], offs[e + 1]) for e in active], [views[e] for e in active],
-                                 plan.math)
+            return layer_forward(rows, spans, [views[e] for e in active], plan.math)
         finally:
             lease.release()
 

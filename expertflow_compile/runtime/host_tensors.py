@@ -20,6 +20,8 @@ from .store import ExpertSpec, ExpertStore
 
 __all__ = ["StackedTensorStore"]
 
+_FEW = 16   # experts per read_many call up to which they are copied one by one
+
 
 class StackedTensorStore(ExpertStore):
     """Experts from stacked CPU tensors (see the module docstring)."""
@@ -41,24 +43,39 @@ class StackedTensorStore(ExpertStore):
                                            first.dtype)
         self.specs = specs
         self._tensors = kept
+        self._per_expert: dict[int, dict[str, tuple]] = {}   # layer -> {name: its experts' views}
 
     def read_into(self, layer: int, expert: int, out) -> None:
         self._check_key(layer, expert)
-        with torch.no_grad():
-            for name, t in self._tensors[layer].items():
-                out[name].copy_(t[expert])
+        for name, views in self._views(layer).items():   # detached tensors: nothing to record
+            out[name].copy_(views[expert])
+
+    def _views(self, layer: int) -> dict[str, tuple]:
+        """``{name: per-expert views}`` of ``layer`` (made once)."""
+        per = self._per_expert.get(layer)
+        if per is None:
+            per = self._per_expert[layer] = {name: t.unbind(0) for name, t in self._tensors[layer].items()}
+        return per
 
     def read_many(self, layer: int, experts: list[int], out: dict[str, torch.Tensor], rows: list[int]) -> None:
         """``out[name][rows[i]] = expert experts[i]'s tensor`` for every name: ``out`` holds
-        ``[S, *shape]`` tensors (the cache's pool viewed in this layer's layout)."""
+        ``[S, *shape]`` tensors (the cache's pool viewed in this layer's layout). A few experts
+        (a decode step) are copied one by one from per-expert views made once per layer (cheaper
+        than building index tensors); more, with one gather and one scatter per name."""
         spec = self._check_key(layer, max(experts))
         if min(experts) < 0:
             raise IndexError(f"expert {min(experts)} out of range for layer {layer} ({spec.num_experts} experts)")
+        if len(experts) <= _FEW:
+            for name, views in self._views(layer).items():
+                dst = out[name]
+                for e, r in zip(experts, rows):
+                    dst[r].copy_(views[e])
+            return
         src_idx = torch.tensor(experts, dtype=torch.int64)
         dst_idx = torch.tensor(rows, dtype=torch.int64)
-        with torch.no_grad():
-            for name, t in self._tensors[layer].items():
-                out[name].index_copy_(0, dst_idx, t.index_select(0, src_idx))
+        for name, t in self._tensors[layer].items():
+            out[name].index_copy_(0, dst_idx, t.index_select(0, src_idx))
 
     def close(self) -> None:
         self._tensors = {}
+        self._per_expert = {}

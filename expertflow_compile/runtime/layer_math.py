@@ -46,36 +46,51 @@ def layer_forward(rows: torch.Tensor, spans: Sequence[tuple[int, int]], weights:
     the expert whose tensors are ``weights[i]`` for ``spans[i] == (a, b)`` (spans cover the
     rows, in order). Compressed experts (FP8 / MXFP4 and their scales) are dequantized to
     ``rows``' dtype first, as ``expert_forward`` does."""
-    if any(is_quantized_name(k) for k in weights[0]):
-        weights = [_dequantized(w, rows.dtype) for w in weights]
     first = weights[0]
+    if any(is_quantized_name(k) for k in first):
+        weights = [_dequantized(w, rows.dtype) for w in weights]
+        first = weights[0]
     up = first["up"]
     n = rows.shape[0]
     x = rows.to(up.dtype)
-    n_up = _width(up, math.up_transposed)
+    sizes = [b - a for a, b in spans]
+    xs = x.split(sizes)
+    mm = torch.mm
+    up_t, down_t = math.up_transposed, math.down_transposed
+    n_up = _width(up, up_t)
     up2 = first.get("up2")
-    n_up2 = _width(up2, math.up_transposed) if up2 is not None else 0
     h = torch.empty((n, n_up), dtype=up.dtype, device=rows.device)
-    h2 = torch.empty((n, n_up2), dtype=up.dtype, device=rows.device) if up2 is not None else None
-    for (a, b), w in zip(spans, weights):
-        xs = x[a:b]
-        _mm(xs, w["up"], math.up_transposed, h[a:b])
-        if h2 is not None:
-            _mm(xs, w["up2"], math.up_transposed, h2[a:b])
-    if h2 is not None:   # separate gate and up weights: SplitGate takes both halves
+    hs = h.split(sizes)
+    if up_t:
+        for xi, w, hi in zip(xs, weights, hs):
+            mm(xi, w["up"], out=hi)
+    else:
+        for xi, w, hi in zip(xs, weights, hs):
+            mm(xi, w["up"].t(), out=hi)
+    if up2 is not None:   # separate gate and up weights: SplitGate takes both halves
+        h2 = torch.empty((n, _width(up2, up_t)), dtype=up.dtype, device=rows.device)
+        for xi, w, hi in zip(xs, weights, h2.split(sizes)):
+            _mm(xi, w["up2"], up_t, hi)
         h = torch.cat([h, h2], dim=-1)
+        hs = h.split(sizes)
     if first.get("up_bias") is not None:
-        for (a, b), w in zip(spans, weights):
-            h[a:b] += w["up_bias"]
+        for w, hi in zip(weights, hs):
+            hi += w["up_bias"]
     g = math.gate_fn(h)
     down = first["down"]
     g = g.to(down.dtype)
-    y = torch.empty((n, _width(down, math.down_transposed)), dtype=down.dtype, device=rows.device)
-    for (a, b), w in zip(spans, weights):
-        _mm(g[a:b], w["down"], math.down_transposed, y[a:b])
+    y = torch.empty((n, _width(down, down_t)), dtype=down.dtype, device=rows.device)
+    ys = y.split(sizes)
+    gs = g.split(sizes)
+    if down_t:
+        for gi, w, yi in zip(gs, weights, ys):
+            mm(gi, w["down"], out=yi)
+    else:
+        for gi, w, yi in zip(gs, weights, ys):
+            mm(gi, w["down"].t(), out=yi)
     if first.get("down_bias") is not None:
-        for (a, b), w in zip(spans, weights):
-            y[a:b] += w["down_bias"]
+        for w, yi in zip(weights, ys):
+            yi += w["down_bias"]
     if math.post_fn is not None:
         y = math.post_fn(y)
     return y
