@@ -29,8 +29,17 @@ def _width(w: torch.Tensor, transposed: bool) -> int:
     return w.shape[-1] if transposed else w.shape[-2]
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor, transposed: bool, out: torch.Tensor) -> None:
-    torch.mm(x, w if transposed else w.t(), out=out)
+def _expert_gemms(xs: Sequence[torch.Tensor], weights: Sequence[Mapping], name: str, transposed: bool,
+                  outs: Sequence[torch.Tensor]) -> None:
+    """``outs[i] = xs[i] @ W_i`` for each expert's ``weights[i][name]`` (stored ``[in, out]`` when
+    ``transposed``, else ``[out, in]``); the layout test is made once, not per expert."""
+    mm = torch.mm
+    if transposed:
+        for xi, w, oi in zip(xs, weights, outs):
+            mm(xi, w[name], out=oi)
+    else:
+        for xi, w, oi in zip(xs, weights, outs):
+            mm(xi, w[name].t(), out=oi)
 
 
 def _dequantized(w: Mapping, dtype: torch.dtype) -> dict:
@@ -55,22 +64,15 @@ def layer_forward(rows: torch.Tensor, spans: Sequence[tuple[int, int]], weights:
     x = rows.to(up.dtype)
     sizes = [b - a for a, b in spans]
     xs = x.split(sizes)
-    mm = torch.mm
     up_t, down_t = math.up_transposed, math.down_transposed
     n_up = _width(up, up_t)
     up2 = first.get("up2")
     h = torch.empty((n, n_up), dtype=up.dtype, device=rows.device)
     hs = h.split(sizes)
-    if up_t:
-        for xi, w, hi in zip(xs, weights, hs):
-            mm(xi, w["up"], out=hi)
-    else:
-        for xi, w, hi in zip(xs, weights, hs):
-            mm(xi, w["up"].t(), out=hi)
+    _expert_gemms(xs, weights, "up", up_t, hs)
     if up2 is not None:   # separate gate and up weights: SplitGate takes both halves
         h2 = torch.empty((n, _width(up2, up_t)), dtype=up.dtype, device=rows.device)
-        for xi, w, hi in zip(xs, weights, h2.split(sizes)):
-            _mm(xi, w["up2"], up_t, hi)
+        _expert_gemms(xs, weights, "up2", up_t, h2.split(sizes))
         h = torch.cat([h, h2], dim=-1)
         hs = h.split(sizes)
     if first.get("up_bias") is not None:
@@ -81,13 +83,7 @@ def layer_forward(rows: torch.Tensor, spans: Sequence[tuple[int, int]], weights:
     g = g.to(down.dtype)
     y = torch.empty((n, _width(down, down_t)), dtype=down.dtype, device=rows.device)
     ys = y.split(sizes)
-    gs = g.split(sizes)
-    if down_t:
-        for gi, w, yi in zip(gs, weights, ys):
-            mm(gi, w["down"], out=yi)
-    else:
-        for gi, w, yi in zip(gs, weights, ys):
-            mm(gi, w["down"].t(), out=yi)
+    _expert_gemms(g.split(sizes), weights, "down", down_t, ys)
     if first.get("down_bias") is not None:
         for w, yi in zip(weights, ys):
             yi += w["down_bias"]
