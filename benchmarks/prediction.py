@@ -16,12 +16,21 @@
 4. Issue 14's acceptance grid (oracle, lookahead, path x 12.5/25/50% x batch 1 and 8, with
    LRU and MIN in the same rows), for every model of the run, printed together at the end.
 
+``--explain``: instead of steps 3-4, where the loads go for one trace at batch 1 and 25%
+(``--explain-budget``, ``--explain-batch``): every use and load of LRU, of the predictive
+policy without prefetching, of predictive+lookahead and of MIN classified (resident /
+prefetched / loaded in the call; why it was not cached: evicted by a prefetch or by a demand
+load, and whether MIN had it resident; wasted prefetches; experts a prefetch evicted and
+loaded again), per token (``tools.replay.explain_loads``); written to
+benchmarks/results/prediction_explain[_MODEL].json.
+
 Writes benchmarks/results/prediction[_MODEL].json and .png per model. Intermediate files
 (traces, predictor) go to --work (reused when present). --no-path skips training the path
 predictor. ``--model all`` (the default) runs both shipped models in one run.
 
     python benchmarks/prediction.py [--model all|tiny_mixtral|tiny_qwen2_moe] [--work DIR] [--train-tokens 102400]
                                     [--max-tokens 8192] [--no-path] [--min-confidence 0.8]
+                                    [--explain [--explain-budget 0.25] [--explain-batch 1]]
 """
 
 from __future__ import annotations
@@ -53,12 +62,17 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens replayed per mode")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--explain", action="store_true", help="classify where the loads go (one budget and batch)")
+    ap.add_argument("--explain-budget", type=float, default=0.25)
+    ap.add_argument("--explain-batch", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = list(SHIPPED_MODELS) if args.model == "all" else [args.model]
     if args.work is not None and len(models) > 1:
         ap.error("--work names one model's folder: give --model too")
     grids = [(name, run_model(name, args)) for name in models]
+    if args.explain:
+        return 0
     print()
     for name, result in grids:
         print(format_acceptance(result["acceptance"], name))
@@ -101,6 +115,8 @@ def run_model(name: str, args) -> dict:
         record_routing(model, text_batches(tok, text)).save(heldout_path)
 
     heldout = RoutingTrace.load(heldout_path, model=model)
+    if args.explain:
+        return explain(name, heldout, args, suffix)
     pred = None if args.no_path else PathPredictor.load(pred_path, model=model)
     result = evaluate(heldout, pred, model, max_tokens=args.max_tokens, min_confidence=args.min_confidence)
     result["acceptance"] = acceptance(result)
@@ -123,6 +139,50 @@ def run_model(name: str, args) -> dict:
     _plot(result, os.path.join(args.out, f"prediction{suffix}.png"))
     print(f"wrote {args.out}/prediction{suffix}.json and prediction{suffix}.png")
     return result
+
+
+def explain(name: str, trace, args, suffix: str) -> dict:
+    """Where the loads go (see the module docstring): per-token counts for each run."""
+    from expertflow_compile.runtime.belady import min_loads
+    from expertflow_compile.tools.replay import (call_predictions, candidate_sets, explain_loads, layer_calls,
+                                                 rank_precision, replay, slots_for_share)
+
+    cands = candidate_sets(trace, "lookahead", 1)
+    calls = layer_calls(trace, args.explain_batch, args.max_tokens)
+    preds = call_predictions(trace, calls, cands, precision=rank_precision(trace, cands))
+    slots = slots_for_share(trace, args.explain_budget)
+    min_sets: list = []
+    m_loads, m_res = min_loads([(c.layer, c.active) for c in calls], slots, resident_sets=min_sets)
+    runs = {"LRU": ("lru", "none", None, {}), "predictive (no prefetch)": ("predictive", "none", None, {}),
+            "predictive+lookahead": ("predictive", "lookahead", preds, {"min_confidence": args.min_confidence}),
+            "predictive+lookahead, no demotion": ("predictive", "lookahead", preds,
+                                                  {"min_confidence": args.min_confidence, "demote": False})}
+    out = {"model": name, "batch": args.explain_batch, "budget": args.explain_budget, "slots": slots, "runs": {}}
+    tokens = None
+    for label, (policy, pred, p, kw) in runs.items():
+        events: list = []
+        r = replay(trace, calls, slots, policy, pred, predictions=p, events=events, **kw)
+        x = explain_loads(calls, events, min_sets, p, kw.get("min_confidence", 0.0))
+        tokens = r.tokens
+        out["runs"][label] = {**x, "loads": r.loads, "ready": r.ready}
+    out["runs"]["MIN"] = {"loads": m_loads, "resident": m_res, "uses": sum(len(c.active) for c in calls)}
+    out["tokens"] = tokens
+    keys = ["loads", "resident", "prefetched", "loaded_in_call", "predicted_in_call", "evicted_by_demand",
+            "evicted_by_demand_min_kept", "evicted_by_prefetch", "evicted_by_prefetch_min_kept", "cold",
+            "wasted_prefetches", "prefetch_evictions", "prefetch_evictions_reloaded"]
+    print(f"== {name}: where the loads go, batch {args.explain_batch}, {100 * args.explain_budget:g}% ({slots} slots), "
+          f"{tokens} tokens, per token (uses {out['runs']['MIN']['uses'] / tokens:.2f}; MIN loads "
+          f"{m_loads / tokens:.2f}, resident {m_res / tokens:.2f})")
+    width = max(len(k) for k in keys)
+    labels = [l for l in out["runs"] if l != "MIN"]
+    print("  " + " " * width + "".join(f"{l[:26]:>28}" for l in labels))
+    for k in keys:
+        print(f"  {k:<{width}}" + "".join(f"{out['runs'][l].get(k, 0) / tokens:>28.3f}" for l in labels))
+    path = os.path.join(args.out, f"prediction_explain{suffix}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return out
 
 
 def _plot(result: dict, path: str) -> None:

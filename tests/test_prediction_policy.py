@@ -90,3 +90,111 @@ def test_predictions_withheld_the_policy_makes_exactly_lrus_decisions(num_layers
     finally:
         lru.close()
         pred.close()
+
+
+_calls = st.lists(st.tuples(st.integers(0, 3), st.lists(st.integers(0, 7), min_size=1, max_size=4)), min_size=1,
+                  max_size=40)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_layers=st.integers(1, 4), num_experts=st.integers(2, 8), slots=st.integers(2, 12),
+       policy=st.sampled_from(["lru", "predictive"]), calls=_calls, layer=st.integers(0, 3),
+       predicted=st.lists(st.integers(0, 7), min_size=1, max_size=4),
+       routed=st.lists(st.integers(0, 7), min_size=1, max_size=4))
+def test_prefetches_the_router_disagrees_with_are_the_first_victims(num_layers, num_experts, slots, policy, calls,
+                                                                    layer, predicted, routed):
+    """enter_layer(layer, routed=...): the layer's loaded prefetches the router did not choose
+    are evicted before any other expert by the call's own misses (they give back the slot the
+    prefetch took); when the router agrees with every prefetch it changes nothing."""
+    cache = _cache(num_layers, num_experts, slots, policy)
+    twin = _cache(num_layers, num_experts, slots, policy)
+    try:
+        for c in (cache, twin):
+            for l, experts in calls:
+                _call(c, l % num_layers, sorted({e % num_experts for e in experts})[:slots])
+        layer %= num_layers
+        routed = sorted({e % num_experts for e in routed})[:slots]
+        predicted = sorted({e % num_experts for e in predicted})
+        before = set(cache.assigned())
+        for c in (cache, twin):
+            c.prefetch(layer, predicted)
+            c.run_prefetches()
+        loaded = set(cache.assigned()) - before
+        cache.enter_layer(layer, routed=routed)
+        twin.enter_layer(layer)
+        demoted = {k for k in loaded if k[1] not in routed}
+        start = set(cache.assigned())
+        _call(cache, layer, routed)
+        _call(twin, layer, routed)
+        evicted = start - set(cache.assigned())
+        assert len(evicted & demoted) == min(len(demoted), len(evicted)), (demoted, evicted)
+        if not demoted:
+            assert sorted(cache.assigned()) == sorted(twin.assigned())
+        cache.check_consistency()
+    finally:
+        cache.close()
+        twin.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_layers=st.integers(2, 4), num_experts=st.integers(3, 8), slots=st.integers(2, 12), calls=_calls,
+       named=st.lists(st.integers(0, 7), min_size=1, max_size=3))
+def test_a_complete_prediction_moves_the_layers_other_experts_a_pass_later(num_layers, num_experts, slots, calls,
+                                                                          named):
+    """set_predicted(..., complete=True): every cached unhinted expert of that layer is
+    expected one whole pass later (it skips the predicted call); other layers' estimates stay."""
+    cache = _cache(num_layers, num_experts, slots, PredictivePolicy())
+    policy = cache.strategy
+    try:
+        for layer, experts in calls:
+            _call(cache, layer % num_layers, sorted({e % num_experts for e in experts})[:slots])
+        target = (cache._last_layer + 1) % num_layers
+        named = sorted({e % num_experts for e in named})
+        before = {key: policy.next_use(cache._table[key]) for key in cache.assigned()}
+        cache.set_predicted(target, named, None, complete=True)
+        after = {key: policy.next_use(cache._table[key]) for key in cache.assigned()}
+        for key, d in before.items():
+            if key[0] == target and key[1] not in named and not policy.hinted(key) and d != float("inf"):
+                assert after[key] == d + num_layers
+            elif key[0] != target:
+                assert after[key] == d
+        cache.check_consistency()
+    finally:
+        cache.close()
+
+
+def test_explain_loads_accounts_for_every_use():
+    """explain_loads: every use is resident, prefetched or loaded in its call; LRU without
+    prefetches has no prefetch evictions, and MIN's resident uses match belady's count."""
+    import torch
+
+    from expertflow_compile.runtime.belady import min_loads
+    from expertflow_compile.runtime.trace import RoutingTrace
+    from expertflow_compile.tools.replay import (call_predictions, explain_loads, layer_calls, rank_precision,
+                                                 replay)
+
+    g = torch.Generator().manual_seed(3)
+    layers, experts, k, n = 3, 8, 2, 96
+    ids = {l: torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)]) for l in range(layers)}
+    trace = RoutingTrace(layers=list(ids), num_experts=dict.fromkeys(ids, experts), top_k=dict.fromkeys(ids, k),
+                         ids=ids, weights={l: torch.ones(n, k) / k for l in ids}, token_ids=torch.zeros(n, dtype=torch.long),
+                         seq_offsets=torch.tensor([0, n]), batch_offsets=torch.tensor([0, n]),
+                         lookahead_ids={l: torch.cat([v, torch.randint(0, experts, (n, 1), generator=g)], 1)
+                                        for l, v in ids.items()})
+    calls = layer_calls(trace, 1)
+    cands = {l: trace.lookahead_ids[l] for l in ids}
+    preds = call_predictions(trace, calls, cands, precision=rank_precision(trace, cands))
+    sets = []
+    min_l, min_res = min_loads([(c.layer, c.active) for c in calls], 6, resident_sets=sets)
+    assert sum(len(s) for s in sets) == min_res
+    for policy, p in (("lru", None), ("predictive", preds)):
+        events = []
+        r = replay(trace, calls, 6, policy, "none" if p is None else "lookahead", predictions=p, events=events)
+        x = explain_loads(calls, events, sets, p)
+        assert x["uses"] == r.uses == x["resident"] + x["prefetched"] + x["loaded_in_call"]
+        assert x["min_resident"] == min_res
+        assert x["resident"] == r.resident
+        if p is None:
+            assert x["prefetched"] == x["prefetch_evictions"] == x["wasted_prefetches"] == 0
+        else:
+            assert x["prefetched"] + x["wasted_prefetches"] > 0

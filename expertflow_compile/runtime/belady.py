@@ -37,9 +37,11 @@ def next_use_table(calls: Sequence[tuple[int, Sequence[int]]]) -> list[list[floa
     return out
 
 
-def min_loads(calls: Sequence[tuple[int, Sequence[int]]], slots: int, per_call: list | None = None) -> tuple[int, int]:
+def min_loads(calls: Sequence[tuple[int, Sequence[int]]], slots: int, per_call: list | None = None,
+              resident_sets: list | None = None) -> tuple[int, int]:
     """Belady's MIN over ``calls`` with ``slots`` slots: ``(loads, resident uses)``;
-    ``per_call`` (a list) receives each call's loads."""
+    ``per_call`` (a list) receives each call's loads, ``resident_sets`` each call's experts
+    that were resident when it began."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     calls = [(int(layer), list(dict.fromkeys(int(e) for e in experts))) for layer, experts in calls]
@@ -57,6 +59,8 @@ def min_loads(calls: Sequence[tuple[int, Sequence[int]]], slots: int, per_call: 
             heapq.heappush(heap, (-n, tick, (layer, e)))
             resident += 1
         miss.sort(key=lambda t: -t[1])
+        if resident_sets is not None:
+            resident_sets.append({e for e, _n in hit})
         if per_call is not None:
             per_call.append(len(miss))
         for e, n in miss:

@@ -443,25 +443,64 @@ class ExpertCache:
             self._flush_evictions(evicted)
         return len(issued)
 
-    def set_predicted(self, layer: int, experts, distance: int = 1) -> None:
+    def set_predicted(self, layer: int, experts, distance: "int | None" = 1, *, complete: bool = False) -> None:
         """Hint for the ``"predictive"`` policy: ``experts`` of ``layer`` will be used
-        ``distance`` MoE layers from now (0 = the layer running now). Ignored by the
-        other policies."""
+        ``distance`` MoE layers from now (0 = the layer running now; None: how many MoE layers
+        ahead ``layer`` is, as :meth:`prefetch` counts). ``complete``: they are every candidate
+        of that call (a predictor's whole list), so the layer's other cached experts are
+        expected to skip it and go first as victims. Ignored by the other policies."""
         if self.policy != "predictive":
             return
         layer = int(layer)
         req = [int(e) for e in experts]
         self._check_keys(layer, req)
         with self._lock:
-            self.strategy.hint(layer, req, max(int(distance), 0), self._table.get)
+            if distance is None:
+                pos, last = self._layer_pos[layer], self._layer_pos.get(self._last_layer)
+                distance = pos if last is None else (pos - last) % len(self._layer_pos)
+            if complete:
+                self.strategy.hint(layer, req, max(int(distance), 0), self._table.get, complete=True)
+            else:
+                self.strategy.hint(layer, req, max(int(distance), 0), self._table.get)
 
-    def enter_layer(self, layer: int) -> None:
+    def enter_layer(self, layer: int, routed=None) -> None:
         """Move execution to ``layer`` as its first acquire would (predictions of the layer
-        left behind are dropped, its unused prefetches lose their protection)."""
+        left behind are dropped, its unused prefetches lose their protection).
+
+        ``routed``: the experts the router chose for this call, when known before they are
+        acquired. The layer's own prefetches it disagrees with are then demoted at once (do no
+        harm): a queued one is cancelled before any transfer, a loaded one loses its
+        protection and its prediction and becomes the first victim (``last_use = 0``: every
+        policy evicts it first), so the call's own misses take its slot - the slot it took
+        from the victim a demand load would have evicted - instead of evicting another expert."""
         layer = int(layer)
-        self._check_keys(layer, ())
+        chosen = None if routed is None else {int(e) for e in routed}
+        self._check_keys(layer, sorted(chosen) if chosen else ())
         with self._lock:
             self._advance_clock(layer)
+            wrong = [s for s in self._protected.get(layer, ()) if s.key[1] not in chosen] if chosen is not None else ()
+            if not wrong:
+                return
+            protected = self._protected[layer]
+            if self.policy == "predictive":
+                hints = self.strategy.hints.get(layer)
+                for slot in wrong:
+                    if hints:
+                        hints.pop(slot.key[1], None)
+            for slot in wrong:
+                if slot.pins:
+                    continue
+                if slot.state == _QUEUED and slot.prefetched and not slot.demand:
+                    self._count_eviction(layer, evicted=0, cancelled=1)
+                    self._free_slot(slot)
+                elif slot.state == _READY:           # (a load in flight keeps its protection until it lands)
+                    protected.discard(slot)
+                    slot.protected = False
+                    slot.last_use = 0
+                    self._settle(slot)
+            evicted, self._evicted = self._evicted, {}
+        if evicted:
+            self._flush_evictions(evicted)
 
     def acquire_layer(self, layer: int, experts, *, resident_first: bool = True, loads: str = "issue",
                       all_at_once: bool = False) -> LayerLease:

@@ -337,6 +337,8 @@ class ExpertEngine:
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
+            if self.cache is not None and not predicted.issubset(active):   # the router disagreed: demote
+                self.cache.enter_layer(layer, routed=active)
         if offsets is not None and not (plan.math.prescale or plan.has_up2 or lists):
             # (grouped on the host: routed_experts sends every call the kernels may take here)
             fused = self._triton(plan, hidden, topk_weights, order, offsets, active, w_up, w_down, b_up, b_down)

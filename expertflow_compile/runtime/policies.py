@@ -240,6 +240,7 @@ class PredictivePolicy(Policy):
         self._per_layer: dict[int, _Heap] = {}   # (used runs, last_use)
         self._heads: list = []      # (-estimated next use of the layer's head, last_use, seq, layer)
         self._head_seq: dict[int, int] = {}
+        self._complete: dict[int, int] = {}       # layer -> due of a run predicted completely (see hint)
 
     def bind(self, layers) -> None:
         order = list(layers)
@@ -258,6 +259,12 @@ class PredictivePolicy(Policy):
         for layer in self._pos:
             self._next_run[layer] = self.clock + self._steps(layer)
             self._refresh_head(layer)
+
+    def _run_of(self, layer: int) -> int:
+        """When an unhinted expert of ``layer`` can be used next: the layer's next run, or the
+        one after it when that run is predicted completely (its candidates are all hinted)."""
+        run = self._next_run[layer]
+        return run + self._n if self._complete.get(layer) == run else run
 
     def _runs_after_next(self, key) -> float:
         """Estimated whole passes of its layer, after the layer's next run, until the unhinted
@@ -298,13 +305,15 @@ class PredictivePolicy(Policy):
         more = self._runs_after_next(key)
         if more == math.inf:
             return math.inf
-        return (self._next_run[key[0]] - self.clock) + self._n * max(0.0, more)
+        return (self._run_of(key[0]) - self.clock) + self._n * max(0.0, more)
 
     def key(self, slot) -> tuple:
         layer, expert = slot.key
         due = self.hints.get(layer, {}).get(expert)
         if due is not None:     # on equal distances an unhinted expert goes first
             return (-(due - self.clock), 1, slot.last_use)
+        if slot.last_use == 0:  # demoted (a prefetch the router disagreed with): first
+            return (-math.inf, 0, 0)
         return (-self._distance(slot.key), 0, slot.last_use)
 
     def hinted(self, key) -> bool:
@@ -320,7 +329,7 @@ class PredictivePolicy(Policy):
         if due is not None:
             slot.pq_group = self._hinted
             self._hinted.push((-due, slot.last_use), slot)
-        elif not self.estimate_unhinted or self._used.get(slot.key, 0) == 0:
+        elif not self.estimate_unhinted or self._used.get(slot.key, 0) == 0 or slot.last_use == 0:
             slot.pq_group = self._never
             self._never.push((slot.last_use,), slot)
         else:
@@ -353,7 +362,7 @@ class PredictivePolicy(Policy):
             return
         last_use = top[1]
         more = self._runs_after_next(top[-1].key)
-        est = math.inf if more == math.inf else self._next_run[layer] + self._n * max(0.0, more)
+        est = math.inf if more == math.inf else self._run_of(layer) + self._n * max(0.0, more)
         heapq.heappush(self._heads, (-est, last_use, seq, layer))
         if len(self._heads) > 4 * len(self._head_seq) + 64:
             self._heads = [e for e in self._heads if self._head_seq.get(e[3]) == e[2]]
@@ -423,8 +432,14 @@ class PredictivePolicy(Policy):
                 self.discard(slot)
                 self.add(slot)
 
-    def hint(self, layer: int, experts, distance: int, lookup) -> None:
+    def hint(self, layer: int, experts, distance: int, lookup, complete: bool = False) -> None:
+        """``complete``: ``experts`` are every candidate of that run of ``layer`` (a predictor's
+        whole candidate list): the layer's other experts are expected to skip it, so their
+        estimated next use moves a whole pass later (they become the preferred victims)."""
         due = self.clock + distance
+        if complete and layer in self._pos and self._next_run.get(layer) == due:
+            self._complete[layer] = due
+            self._refresh_head(layer)
         hints = self.hints.setdefault(layer, {})
         for e in experts:
             old = hints.get(e)

@@ -52,7 +52,7 @@ from ..runtime.stats import RuntimeStats
 from ..runtime.store import ExpertSpec, ExpertStore
 
 __all__ = ["LayerCall", "layer_calls", "replay", "belady_min", "bypass_bound", "ByteStore", "ReplayResult", "slots_for_share",
-           "call_predictions", "candidate_sets", "rank_precision"]
+           "call_predictions", "candidate_sets", "rank_precision", "explain_loads"]
 
 
 class ByteStore(ExpertStore):
@@ -272,7 +272,8 @@ def call_predictions(trace, calls: list[LayerCall], candidates: dict[int, torch.
 def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: str = "none", *,
            candidates: dict[int, torch.Tensor] | None = None, issue: str = "layer",
            predictions: list | None = None, per_call: list | None = None,
-           min_confidence: float = 0.0, stream: bool = True) -> ReplayResult:
+           min_confidence: float = 0.0, stream: bool = True, demote: bool = True, complete: bool = False,
+           max_prefetch: int | None = None, events: list | None = None) -> ReplayResult:
     """Replay ``calls`` through an ``ExpertCache(policy)`` with ``slots`` slots.
 
     ``predictor``: ``"none"`` (demand only); ``"oracle-distance"`` (predictive policy hints
@@ -284,7 +285,13 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     Prefetches never evict an expert predicted to be used no later than the prefetched one
     (do no harm, in the cache); ``stream``: a prediction for the layer about to run also
     spares the slots the call frees and waits for them (the module docstring; False: each
-    prefetch takes what it finds before the call, the rest is demand-loaded). ``per_call``: a list that receives ``(prefetch_loads,
+    prefetch takes what it finds before the call, the rest is demand-loaded). ``demote``: the
+    router's choice demotes the call's wrong prefetches before its misses load
+    (``ExpertCache.enter_layer(routed=)``); ``complete``: each own-layer prediction's whole
+    candidate list is hinted as complete (``set_predicted(complete=True)``); ``max_prefetch``:
+    at most this many experts prefetched per prediction (the link's share of a layer's time;
+    0: predictions are hints only). ``events``: a list that receives, per call, the cached
+    experts at its start, after its prefetches and at its end (:func:`explain_loads`). ``per_call``: a list that receives ``(prefetch_loads,
     demand_loads)`` of every layer call (for cost models)."""
     store = ByteStore({l: trace.num_experts[l] for l in trace.layers})
     oracle = predictor in ("oracle-distance", "oracle")
@@ -302,6 +309,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
         for i, c in enumerate(calls):
             if per_call is not None:
                 before = (cache.stats.prefetch_loads, cache.stats.demand_loads)
+            if events is not None:
+                start = frozenset(cache.assigned())
             if oracle:
                 cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
@@ -314,12 +323,20 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                     t, ranked = pred[0], list(pred[1])
                     if min_confidence > 0 and len(pred) > 2:
                         ranked = [e for e, p in zip(ranked, pred[2]) if p >= min_confidence]
+                    if max_prefetch is not None:
+                        ranked = ranked[:max_prefetch]
+                    if complete and t == c.layer and pred[1]:    # every candidate: the layer's others skip this call
+                        cache.set_predicted(t, list(pred[1]), None, complete=True)
                     if ranked:
                         own = stream and t == c.layer
                         cache.prefetch(t, ranked, harm_limit=_own_harm(c, i, uses, n_layers) if own else None)
                         if own:
                             waiting.update(ranked)
                 cache.run_prefetches()
+            if events is not None:
+                after_prefetch = frozenset(cache.assigned())
+            if demote:                           # the router ran: prefetches it disagrees with go first
+                cache.enter_layer(c.layer, routed=c.active)
             if resident_now is None:             # the engine's order: what is ready when the call acquires, first
                 resident_now = [e for e in c.active if cache.is_resident(c.layer, e)]
             here = set(resident_now)
@@ -345,6 +362,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                     lease.release()
             if per_call is not None:
                 per_call.append((cache.stats.prefetch_loads - before[0], cache.stats.demand_loads - before[1]))
+            if events is not None:
+                events.append((start, after_prefetch, frozenset(cache.assigned())))
         s = cache.stats.as_dict()
     finally:
         cache.close()
@@ -374,3 +393,70 @@ def _oracle_hints(cache: ExpertCache, uses, i: int) -> None:
             by.setdefault((key[0], int(nxt - i)), []).append(key[1])
     for (layer, dist), experts in by.items():
         cache.set_predicted(layer, experts, dist)
+
+
+def explain_loads(calls: list[LayerCall], events: list, min_sets: list, predictions: list | None = None,
+                  min_confidence: float = 0.0) -> dict:
+    """Where a replay's loads go: every expert use of ``calls`` classified from the replay's
+    ``events`` (``replay(..., events=[])``: the cached experts at each call's start, after
+    its prefetches, at its end) against Belady's MIN (``min_sets``: ``min_loads(...,
+    resident_sets=[])``). Counts (one per use, or per load):
+
+    * ``resident``: cached when the call began; ``prefetched``: loaded by a prefetch before
+      the call (a right prediction); ``loaded_in_call``: loaded during the call (a demand
+      load, or a prediction that waited for a slot the call freed), split by ``predicted``
+      (the call's own confident prediction named it) and by why it was not cached: ``cold``
+      (not cached at any call boundary before: a first use, or an expert loaded and evicted
+      within one call), ``evicted_by_prefetch`` / ``evicted_by_demand`` (the last
+      eviction of that expert), each also counted ``*_min_kept`` when MIN had it resident
+      at that call (an eviction MIN avoids);
+    * ``wasted_prefetches``: loaded before the call for this layer and not used by it
+      (a wrong prediction), ``prefetch_evictions`` / ``prefetch_evictions_reloaded``:
+      experts a prefetch evicted, and how many of them were loaded again later (its harm).
+    """
+    out = dict.fromkeys(["uses", "resident", "prefetched", "loaded_in_call", "predicted_in_call", "cold",
+                         "evicted_by_prefetch", "evicted_by_demand", "evicted_by_prefetch_min_kept",
+                         "evicted_by_demand_min_kept", "min_resident", "wasted_prefetches", "prefetch_evictions",
+                         "prefetch_evictions_reloaded", "loads"], 0)
+    gone: dict[tuple[int, int], str] = {}
+    for i, (c, (start, after, end)) in enumerate(zip(calls, events)):
+        own = set()
+        if predictions is not None:
+            for pred in predictions[i]:
+                if pred[0] == c.layer:
+                    own.update(e for e, p in zip(pred[1], pred[2] if len(pred) > 2 else [1.0] * len(pred[1]))
+                               if p >= min_confidence)
+        pre_loaded = after - start
+        out["loads"] += len(pre_loaded) + len(end - after)
+        for key in start - after:
+            gone[key] = "prefetch"
+            out["prefetch_evictions"] += 1
+        for key in pre_loaded:
+            if key[0] == c.layer and key[1] not in c.active:
+                out["wasted_prefetches"] += 1
+        for e in c.active:
+            key = (c.layer, e)
+            out["uses"] += 1
+            out["min_resident"] += e in min_sets[i]
+            if key in start:
+                out["resident"] += 1
+            elif key in pre_loaded:
+                out["prefetched"] += 1
+            else:
+                out["loaded_in_call"] += 1
+                out["predicted_in_call"] += e in own
+                why = gone.get(key)
+                if why is None:
+                    out["cold"] += 1
+                else:
+                    out[f"evicted_by_{why}"] += 1
+                    out[f"evicted_by_{why}_min_kept"] += e in min_sets[i]
+                    if why == "prefetch":
+                        out["prefetch_evictions_reloaded"] += 1
+        for key in after - end:
+            gone[key] = "demand"
+        for key in end - after:
+            gone.pop(key, None)
+        for key in pre_loaded:
+            gone.pop(key, None)
+    return out

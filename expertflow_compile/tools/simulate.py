@@ -242,7 +242,7 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                     preds_of[pred] = call_predictions(mapped, calls, cands, "layer",
                                                       precision=rank_precision(mapped, cands))
                 res = replay(mapped, calls, slots, "predictive", pred, predictions=preds_of[pred], per_call=per_call,
-                             min_confidence=min_confidence)
+                             min_confidence=min_confidence, max_prefetch=prefetch_width(shape, profile))
             t = stall = 0.0
             for c, (pf, dm) in zip(calls, per_call):
                 pf_s, dm_s = pf * eb / bw_link, dm * eb / bw_link
@@ -261,6 +261,14 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
             bar.update(1)
     bar.close()
     return rows
+
+
+def prefetch_width(shape: ModelShape, profile: HardwareProfile) -> int:
+    """How many experts a layer call's prefetch may move: what the link transfers while the
+    layer's attention runs (the overlap window of the cost model). A prefetch beyond it cannot
+    land in time and only adds transfers to a link-bound run (0: predictions are hints only)."""
+    attn_s = shape.layer_dense_bytes() / (profile.mem_GBps * 1e9) + profile.layer_overhead_us * 1e-6
+    return int(attn_s * profile.link_GBps * 1e9 // shape.expert_bytes)
 
 
 def _min_per_call(calls, slots: int) -> list[tuple[int, int]]:
@@ -292,6 +300,10 @@ def assumptions(shape: ModelShape, profile: HardwareProfile, routing: str | None
         "evict an expert predicted to be needed no later (do no harm); MIN (bound) prices Belady's MIN loads",
         "a prediction for the layer about to run that waits for a slot the call frees (and the router confirms) is "
         "priced as a prefetch overlapping the attention",
+        f"prefetch width: at most {prefetch_width(shape, profile)} experts per layer call (what the link moves during "
+        f"the attention: {shape.expert_bytes / (profile.link_GBps * 1e9) * 1e3:.2f} ms per expert vs "
+        f"{(shape.layer_dense_bytes() / (profile.mem_GBps * 1e9) + profile.layer_overhead_us * 1e-6) * 1e3:.3f} ms "
+        "of attention); 0: predictions only steer replacement, the router's experts are demand-loaded",
         routing or (f"routing: the shipped {trace_model_for(shape)}'s recorded routing mapped onto this shape (see "
                     "`expertflow_compile/tools/simulate.py`)"),
     ]
