@@ -9,9 +9,12 @@
    layers) of LRU, LFU, predictive+lookahead, predictive+path, predictive+oracle and
    Belady's MIN at 12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8, side by
    side: loads / MIN, ready rate, resident rate, loads per token (definitions:
-   expertflow_compile/runtime/stats.py). Predictions are prefetched when their confidence
-   (the measured precision of their rank) is >= --min-confidence; prefetches never evict an
-   expert predicted to be needed no later (do no harm).
+   expertflow_compile/runtime/stats.py). The live engine's rule: at a layer's prediction the
+   cache enters the layer, hints every candidate, and loads those at list positions whose
+   online-measured precision is >= --min-precision (0.95); the router's choice drops the
+   rest and demotes wrong prefetches; prefetches never evict an expert predicted to be
+   needed no later (do no harm). --min-precision none: the previous rule (candidates whose
+   offline rank precision is >= --min-confidence, prefetched before the layer is entered).
 
 4. Issue 14's acceptance grid (oracle, lookahead, path x 12.5/25/50% x batch 1 and 8, with
    LRU and MIN in the same rows), for every model of the run, printed together at the end.
@@ -29,7 +32,8 @@ Writes benchmarks/results/prediction[_MODEL].json and .png per model. Intermedia
 predictor. ``--model all`` (the default) runs both shipped models in one run.
 
     python benchmarks/prediction.py [--model all|tiny_mixtral|tiny_qwen2_moe] [--work DIR] [--train-tokens 102400]
-                                    [--max-tokens 8192] [--no-path] [--min-confidence 0.8]
+                                    [--max-tokens 8192] [--no-path] [--min-precision 0.95|none]
+                                    [--min-confidence 0.0]
                                     [--explain [--explain-budget 0.25] [--explain-batch 1]]
 """
 
@@ -57,7 +61,10 @@ def main(argv=None) -> int:
                     help="a shipped model, or all of them (default)")
     ap.add_argument("--work", default=None, help="default /tmp/efp (tiny_mixtral) or /tmp/efp_MODEL")
     ap.add_argument("--no-path", action="store_true", help="skip the path predictor (its training takes minutes)")
-    ap.add_argument("--min-confidence", type=float, default=0.8)
+    ap.add_argument("--min-confidence", type=float, default=0.0)
+    ap.add_argument("--min-precision", type=lambda v: None if v == "none" else float(v), default=0.95,
+                    help="the live gate: measured precision a candidate's list position needs to be loaded "
+                         "before the router (none: the previous rule)")
     ap.add_argument("--train-tokens", type=int, default=102400)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens replayed per mode")
@@ -118,7 +125,8 @@ def run_model(name: str, args) -> dict:
     if args.explain:
         return explain(name, heldout, args, suffix)
     pred = None if args.no_path else PathPredictor.load(pred_path, model=model)
-    result = evaluate(heldout, pred, model, max_tokens=args.max_tokens, min_confidence=args.min_confidence)
+    result = evaluate(heldout, pred, model, max_tokens=args.max_tokens, min_confidence=args.min_confidence,
+                      min_precision=args.min_precision)
     result["acceptance"] = acceptance(result)
     result["predictor_training"] = None if pred is None else pred.metrics
     result["setup"] = {
@@ -154,9 +162,9 @@ def explain(name: str, trace, args, suffix: str) -> dict:
     min_sets: list = []
     m_loads, m_res = min_loads([(c.layer, c.active) for c in calls], slots, resident_sets=min_sets)
     runs = {"LRU": ("lru", "none", None, {}), "predictive (no prefetch)": ("predictive", "none", None, {}),
-            "predictive+lookahead": ("predictive", "lookahead", preds, {"min_confidence": args.min_confidence}),
-            "predictive+lookahead, no demotion": ("predictive", "lookahead", preds,
-                                                  {"min_confidence": args.min_confidence, "demote": False})}
+            "predictive+lookahead": ("predictive", "lookahead", preds,
+                                     {"min_precision": args.min_precision or 0.95, "enter_first": True}),
+            "pred+lookahead, old rule": ("predictive", "lookahead", preds, {"min_confidence": 0.8, "demote": False})}
     out = {"model": name, "batch": args.explain_batch, "budget": args.explain_budget, "slots": slots, "runs": {}}
     tokens = None
     for label, (policy, pred, p, kw) in runs.items():

@@ -52,6 +52,10 @@ class ExpertFlowConfig:
             the missing ones load (False: expert-id order, for measurements).
         kernels: the grouped GEMM implementation: ``auto`` (Triton on CUDA when the
             layer's gating is a kind the kernels implement, else torch), ``torch``, ``triton``.
+        prefetch_min_precision: with ``policy="predictive"``, prefetch a predicted expert only
+            when its position in the predictor's list has been chosen by the router at least
+            this often for its layer (measured online); the rest wait for the router. A
+            float in [0, 1] (0: prefetch every candidate) or None (no gate, no measurement).
     """
 
     expert_budget: Any = None
@@ -65,6 +69,7 @@ class ExpertFlowConfig:
     prefetch: bool = True
     resident_first: bool = True
     kernels: str = "auto"
+    prefetch_min_precision: float | None = 0.95
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -107,6 +112,9 @@ class ExpertFlowConfig:
         for name in ("verify", "prefetch", "resident_first"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name}={getattr(self, name)!r} is not valid; it must be True or False")
+        mp = self.prefetch_min_precision
+        if mp is not None and (isinstance(mp, bool) or not isinstance(mp, (int, float)) or not 0.0 <= mp <= 1.0):
+            raise OptionError(f"prefetch_min_precision={mp!r} is not valid; it must be a number in [0, 1] or None")
         if self.predictor_path is not None and not isinstance(self.predictor_path, str):
             raise OptionError(f"predictor_path={self.predictor_path!r} must be a path string or None")
         if self.predictor in ("path", "oracle") and self.predictor_path is None:

@@ -47,7 +47,13 @@ predictions of a layer still unconsumed when execution moves on from it are drop
 Predictions and protection follow the order in which layers are entered (``acquire_layer``,
 ``acquire``, or ``enter_layer``), so they assume one thread runs the MoE layers in order
 (the compiled model does); other threads may acquire concurrently, correctly, with less
-useful hints.
+useful hints. **Prediction that pays** (the engine's rule with the predictive policy): at a
+layer's prediction the layer is entered (the previous one is done), every candidate is
+hinted, and only candidates at list positions whose measured precision reaches
+``min_precision`` are loaded (``prefetch(..., min_precision=)``); the router's choice
+(``enter_layer(layer, routed=)``) scores the list, voids this call's predictions it did not
+choose, cancels the layer's queued wrong prefetches and makes its loaded wrong ones the
+first victims, so the call's own misses take back the slots they took.
 
 **Threads**: when every slot is pinned, a call waits for other threads to release theirs
 (bounded by ``pin_timeout`` seconds, then ``RuntimeError`` naming the cause) and raises at
@@ -383,7 +389,8 @@ class ExpertCache:
         """True when prefetches are queued (a worker, or deferred) and the cache is open."""
         return (self._thread is not None or self._deferred_mode) and not self._closed
 
-    def prefetch(self, layer: int, experts, *, harm_limit: float | None = None) -> int:
+    def prefetch(self, layer: int, experts, *, harm_limit: float | None = None,
+                 min_precision: float | None = None) -> int:
         """Enqueue asynchronous loads of the non-resident ``experts`` of ``layer``.
 
         Never blocks on I/O. Never evicts pinned, in-flight or protected slots, nor experts
@@ -391,11 +398,18 @@ class ExpertCache:
         moves (default: the prefetched layer's distance; a caller that knows the layer call
         will free better slots passes more); stops early when no slot can be freed. Returns
         how many loads were enqueued (0 when prefetching is off or the cache is closed).
+
+        ``min_precision`` (``"predictive"`` policy): ``experts`` is the predictor's whole
+        candidate list, best first; every one is hinted, but only those at list positions
+        whose measured precision for this layer (``PredictivePolicy.precision``, scored by
+        ``enter_layer(routed=)``) is at least ``min_precision`` are loaded - the rest wait for
+        the router (what is worth a load).
         """
         layer = int(layer)
         req = list(dict.fromkeys(map(int, experts)))
         self._check_keys(layer, req)
         issued = []
+        cands = req
         with self._lock:
             pos, last = self._layer_pos[layer], self._layer_pos.get(self._last_layer)
             dist = pos if last is None else (pos - last) % len(self._layer_pos)
@@ -406,6 +420,9 @@ class ExpertCache:
                 known = [d - self.strategy.clock for d in due if d is not None]
                 if known:
                     dist = min(dist, max(0, min(known)))
+                if min_precision is not None:
+                    self.strategy.note_candidates(layer, req)
+                    cands, req = req, self.strategy.precise(layer, req, min_precision)
             if harm_limit is not None:
                 dist = max(dist, harm_limit)
             if not self.prefetching:
@@ -420,7 +437,7 @@ class ExpertCache:
                         self._touch(slot)
                     continue
                 if skip is None:
-                    skip = {(layer, x) for x in req}
+                    skip = {(layer, x) for x in cands}
                 # do no harm: evict only an expert predicted to be used later than this one
                 slot = self._free_or_victim(skip, demand=False, harm_limit=dist)
                 if slot is None:
@@ -468,7 +485,8 @@ class ExpertCache:
         left behind are dropped, its unused prefetches lose their protection).
 
         ``routed``: the experts the router chose for this call, when known before they are
-        acquired. The layer's own prefetches it disagrees with are then demoted at once (do no
+        acquired. The layer's predictions it did not choose are dropped, and the layer's own
+        prefetches it disagrees with are demoted at once (do no
         harm): a queued one is cancelled before any transfer, a loaded one loses its
         protection and its prediction and becomes the first victim (``last_use = 0``: every
         policy evicts it first), so the call's own misses take its slot - the slot it took
@@ -478,15 +496,24 @@ class ExpertCache:
         self._check_keys(layer, sorted(chosen) if chosen else ())
         with self._lock:
             self._advance_clock(layer)
-            wrong = [s for s in self._protected.get(layer, ()) if s.key[1] not in chosen] if chosen is not None else ()
+            if chosen is None:
+                return
+            wrong = [s for s in self._protected.get(layer, ()) if s.key[1] not in chosen]
+            if self.policy == "predictive":    # the router decided: this call's predictions it did not choose are void
+                self.strategy.observe(layer, chosen)
+                hints = self.strategy.hints.get(layer)
+                if hints:                      # (a hint due before the layer's next pass is this call's)
+                    horizon = self.strategy.clock + len(self._layer_pos)
+                    void = {e for e, due in hints.items() if due < horizon and e not in chosen}
+                    void.update(s.key[1] for s in wrong)
+                    for e in void:
+                        if hints.pop(e, None) is not None:
+                            slot = self._table.get((layer, e))
+                            if slot is not None and slot.pq_group is not None:
+                                self.strategy.refresh(slot)
             if not wrong:
                 return
             protected = self._protected[layer]
-            if self.policy == "predictive":
-                hints = self.strategy.hints.get(layer)
-                for slot in wrong:
-                    if hints:
-                        hints.pop(slot.key[1], None)
             for slot in wrong:
                 if slot.pins:
                     continue

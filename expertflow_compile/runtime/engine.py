@@ -205,13 +205,20 @@ class ExpertEngine:
             preds = handoff[1]
         else:                                  # not the predict op's own tensor: read the codes
             preds = decode(predicted.tolist())
+        gate = self.config.prefetch_min_precision if self.config.policy == "predictive" else None
         for r in preds:
             plan = self.layers.get(r.layer)
             if plan is None or not r.experts:
                 continue
             n = plan.num_experts           # a router may score more (identity experts)
             experts = r.experts if max(r.experts) < n else [x for x in r.experts if x < n]
-            self.cache.prefetch(r.layer, experts)
+            if gate is None:
+                self.cache.prefetch(r.layer, experts)
+            elif r.layer == layer:         # the layer about to run: the previous one is done; spare what it frees
+                self.cache.enter_layer(layer)
+                self.cache.prefetch(layer, experts, harm_limit=len(self.layers), min_precision=gate)
+            else:
+                self.cache.prefetch(r.layer, experts, min_precision=gate)
 
     # ----- layers -------------------------------------------------------------------
     def layer_number_for(self, layer: int, w_up, reserved=()) -> int:
@@ -337,7 +344,7 @@ class ExpertEngine:
             p["true_positive"] += len(predicted.intersection(active))
             p["predicted"] += len(predicted)
             p["used"] += len(active)
-            if self.cache is not None and not predicted.issubset(active):   # the router disagreed: demote
+            if self.cache is not None:    # the router decided: score the prediction, demote wrong prefetches
                 self.cache.enter_layer(layer, routed=active)
         if offsets is not None and not (plan.math.prescale or plan.has_up2 or lists):
             # (grouped on the host: routed_experts sends every call the kernels may take here)

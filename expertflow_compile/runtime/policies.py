@@ -18,7 +18,15 @@ its eviction key, so that picking a victim never scans the slots:
   used first. With no hints at all on a cyclic layer order this is close to LRU per layer.
   Key ``(-distance, hinted, last_use)``: a heap of hinted experts, a heap of never-again
   experts, one heap per layer of estimated experts (within a layer their order does not
-  change as execution moves on) and a heap over the layers' heads.
+  change as execution moves on) and a heap over the layers' heads. A *complete* prediction
+  of a layer's next run (every candidate hinted) moves that layer's unhinted experts a
+  whole pass later. The policy also measures, per layer and list position, how often the
+  router chose a predictor's candidate (:meth:`PredictivePolicy.precision`): the cache's
+  gate for what is worth a load (``ExpertCache.prefetch(min_precision=)``).
+
+A slot whose ``last_use`` is 0 is *demoted* (a prefetch the router disagreed with,
+``ExpertCache.enter_layer(routed=)``): every policy evicts it first (LRU / LFU: the oldest;
+predictive: the never-again heap).
 
 Every heap uses lazy invalidation: each slot carries the sequence number of its one live
 entry (``pq_seq``); an entry whose number is not the slot's live one is stale and dropped
@@ -241,6 +249,8 @@ class PredictivePolicy(Policy):
         self._heads: list = []      # (-estimated next use of the layer's head, last_use, seq, layer)
         self._head_seq: dict[int, int] = {}
         self._complete: dict[int, int] = {}       # layer -> due of a run predicted completely (see hint)
+        self._listed: dict[int, list[int]] = {}     # layer -> its outstanding candidate list (best first)
+        self._position: dict[int, list[list[int]]] = {}   # layer -> per list position [hits, seen]
 
     def bind(self, layers) -> None:
         order = list(layers)
@@ -431,6 +441,38 @@ class PredictivePolicy(Policy):
             if slot is not None and slot.pq_group is not None:
                 self.discard(slot)
                 self.add(slot)
+
+    # -- the measured precision of a predictor's candidate lists (what is worth a load)
+    def note_candidates(self, layer: int, experts) -> None:
+        """``experts``: a predictor's candidate list for ``layer``'s next call, best first;
+        :meth:`observe` scores it against the router's choice."""
+        self._listed[layer] = list(experts)
+
+    def observe(self, layer: int, routed) -> None:
+        """The router chose ``routed`` for ``layer``'s call: score each position of the
+        outstanding candidate list (hit: its expert was chosen)."""
+        listed = self._listed.pop(layer, None)
+        if not listed:
+            return
+        pos = self._position.setdefault(layer, [])
+        while len(pos) < len(listed):
+            pos.append([0, 0])
+        for i, e in enumerate(listed):
+            pos[i][0] += e in routed
+            pos[i][1] += 1
+
+    def precision(self, layer: int, position: int) -> float:
+        """Measured share of ``layer``'s candidate lists whose expert at ``position`` the
+        router chose; ``(hits + 1) / (seen + 1)``: 1 before anything is seen (optimistic, so
+        prefetching starts and is measured)."""
+        pos = self._position.get(layer)
+        hits, seen = pos[position] if pos is not None and position < len(pos) else (0, 0)
+        return (hits + 1) / (seen + 1)
+
+    def precise(self, layer: int, experts, threshold: float) -> list[int]:
+        """The ``experts`` (a candidate list, best first) at positions whose measured
+        precision is at least ``threshold``."""
+        return [e for i, e in enumerate(experts) if self.precision(layer, i) >= threshold]
 
     def hint(self, layer: int, experts, distance: int, lookup, complete: bool = False) -> None:
         """``complete``: ``experts`` are every candidate of that run of ``layer`` (a predictor's

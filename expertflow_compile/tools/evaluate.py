@@ -77,12 +77,16 @@ def text_batches(tok, text: str, *, seq_len: int = 256, batch_size: int = 8, max
 
 def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), batches=(1, 8),
              max_tokens: int | None = 8192, extra: int = 1, progress: bool = True,
-             min_confidence: float = 0.8) -> dict:
+             min_confidence: float = 0.0, min_precision: float | None = 0.95) -> dict:
     """Prediction quality and cache replay on a held-out ``trace`` (see the module docstring).
 
     ``predictor``: a PathPredictor (needs ``model`` for the token embeddings) or None.
     Predictions are prefetched when their confidence (measured precision of their rank,
-    :func:`~expertflow_compile.tools.replay.rank_precision`) is ``>= min_confidence``."""
+    :func:`~expertflow_compile.tools.replay.rank_precision`) is ``>= min_confidence``, and then
+    (``min_precision``, the live engine's rule, ``prefetch_min_precision``) the predictive
+    policy enters the layer at its prediction, hints every candidate and loads those at list
+    positions whose online-measured precision is ``>= min_precision`` (None: the old rule,
+    everything that passed ``min_confidence`` is prefetched before the layer is entered)."""
     from tqdm import tqdm
 
     from ..runtime.prediction import path_features, prediction_metrics
@@ -106,7 +110,8 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
             for l in layers:
                 p, r = prediction_metrics(sources[name][l], trace.ids[l])
                 quality[name][str(l)] = {"precision": p, "recall": r}
-    result = {"tokens_in_trace": trace.num_tokens, "min_confidence": min_confidence, "extra_candidates": extra,
+    result = {"tokens_in_trace": trace.num_tokens, "min_confidence": min_confidence, "min_precision": min_precision,
+              "extra_candidates": extra,
               "candidates_per_token": {str(l): trace.top_k[l] + extra for l in layers},
               "prediction": quality, "replay": []}
     total = sum(trace.num_experts[l] for l in layers)
@@ -126,7 +131,10 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
         for policy, pred in runs:
             if pred != "none" and pred not in preds:
                 continue
-            r = replay(trace, calls, slots, policy, pred, predictions=preds.get(pred), min_confidence=min_confidence)
+            gate = {} if pred in ("none", "oracle") else {"min_precision": min_precision,
+                                                           "enter_first": min_precision is not None}
+            r = replay(trace, calls, slots, policy, pred, predictions=preds.get(pred), min_confidence=min_confidence,
+                       **gate)
             rows.append(r.as_dict())
             bar.update(1)
         m = belady_min(calls, slots).as_dict()

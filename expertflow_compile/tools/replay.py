@@ -273,7 +273,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
            candidates: dict[int, torch.Tensor] | None = None, issue: str = "layer",
            predictions: list | None = None, per_call: list | None = None,
            min_confidence: float = 0.0, stream: bool = True, demote: bool = True, complete: bool = False,
-           max_prefetch: int | None = None, events: list | None = None) -> ReplayResult:
+           max_prefetch: int | None = None, enter_first: bool = False, min_precision: float | None = None,
+           events: list | None = None) -> ReplayResult:
     """Replay ``calls`` through an ``ExpertCache(policy)`` with ``slots`` slots.
 
     ``predictor``: ``"none"`` (demand only); ``"oracle-distance"`` (predictive policy hints
@@ -318,6 +319,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
             # (landed prefetches included) furthest next use first
             resident_now = [e for e in c.active if cache.is_resident(c.layer, e)] if oracle else None
             waiting: set[int] = set()            # this layer's confident predictions that found no slot yet
+            if enter_first and not oracle:       # the previous layer is done: its call's experts are a pass away
+                cache.enter_layer(c.layer)
             if predictions is not None:
                 for pred in predictions[i]:
                     t, ranked = pred[0], list(pred[1])
@@ -327,7 +330,14 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                         ranked = ranked[:max_prefetch]
                     if complete and t == c.layer and pred[1]:    # every candidate: the layer's others skip this call
                         cache.set_predicted(t, list(pred[1]), None, complete=True)
-                    if ranked:
+                    if ranked and min_precision is not None and not oracle:
+                        own = stream and t == c.layer   # the whole list: the cache loads what its precision earns
+                        cache.prefetch(t, ranked, harm_limit=_own_harm(c, i, uses, n_layers) if own else None,
+                                       min_precision=min_precision)
+                        if own:
+                            waiting.update(cache.strategy.precise(t, ranked, min_precision)
+                                           if cache.policy == "predictive" else ranked)
+                    elif ranked:
                         own = stream and t == c.layer
                         cache.prefetch(t, ranked, harm_limit=_own_harm(c, i, uses, n_layers) if own else None)
                         if own:

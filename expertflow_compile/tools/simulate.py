@@ -196,7 +196,7 @@ def map_trace(trace, shape: ModelShape):
 
 def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[float],
              predictors=("none", "predictive", "lookahead"), batch: int = 1, max_tokens: int | None = 256,
-             progress: bool = True, min_confidence: float = 0.8) -> list[dict]:
+             progress: bool = True, min_confidence: float = 0.0, min_precision: float | None = 0.95) -> list[dict]:
     """Projected tokens/s and memory per (budget, predictor) for ``shape`` on ``profile``
     (a tqdm bar over the cache replays unless ``progress=False``)."""
     from tqdm import tqdm
@@ -242,7 +242,8 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                     preds_of[pred] = call_predictions(mapped, calls, cands, "layer",
                                                       precision=rank_precision(mapped, cands))
                 res = replay(mapped, calls, slots, "predictive", pred, predictions=preds_of[pred], per_call=per_call,
-                             min_confidence=min_confidence, max_prefetch=prefetch_width(shape, profile))
+                             min_confidence=min_confidence, max_prefetch=prefetch_width(shape, profile),
+                             min_precision=min_precision, enter_first=min_precision is not None)
             t = stall = 0.0
             for c, (pf, dm) in zip(calls, per_call):
                 pf_s, dm_s = pf * eb / bw_link, dm * eb / bw_link
@@ -296,8 +297,9 @@ def assumptions(shape: ModelShape, profile: HardwareProfile, routing: str | None
         f"{shape.all_expert_bytes / 2**30:.1f} GiB, dense {shape.dense_bytes / 2**30:.1f} GiB",
         "decode is memory-bound: layer time = bytes read / memory bandwidth + overhead; KV cache not counted",
         "prefetch for layer L is issued at L's attention and overlaps it; late prefetch and demand loads stall",
-        "prefetches are issued when their confidence (measured precision of their rank) is high enough, and never "
-        "evict an expert predicted to be needed no later (do no harm); MIN (bound) prices Belady's MIN loads",
+        "prefetches follow the live engine's rule: every candidate hinted, loaded only at list positions whose "
+        "measured precision is >= 0.95, never evicting an expert predicted to be needed no later (do no harm), "
+        "wrong ones demoted at the router; MIN (bound) prices Belady's MIN loads",
         "a prediction for the layer about to run that waits for a slot the call frees (and the router confirms) is "
         "priced as a prefetch overlapping the attention",
         f"prefetch width: at most {prefetch_width(shape, profile)} experts per layer call (what the link moves during "

@@ -64,7 +64,8 @@ class ModelView:
 
 def ranked_votes(top: torch.Tensor, num_experts: int | None = None) -> tuple[list[int], list[int]]:
     """Union of per-token candidate lists ``top`` [T, c] (any shape), most voted first,
-    ties by lower id: ``(experts, votes)``. One host transfer."""
+    ties by first appearance (row-major: with one token, its own rank order - the position
+    a prediction's measured precision is kept for): ``(experts, votes)``. One host transfer."""
     flat = top.reshape(-1)
     n = flat.numel()
     if n == 0:
@@ -73,10 +74,11 @@ def ranked_votes(top: torch.Tensor, num_experts: int | None = None) -> tuple[lis
         counts: dict[int, int] = {}
         for e in flat.tolist():
             counts[e] = counts.get(e, 0) + 1
-        experts = sorted(counts, key=lambda e: (-counts[e], e))
+        experts = sorted(counts, key=lambda e: -counts[e])     # stable: first appearance among ties
         return experts, [counts[e] for e in experts]
-    uniq, votes = torch.unique(flat, sorted=True, return_counts=True)
-    o = torch.argsort(votes, descending=True, stable=True)
+    uniq, inverse, votes = torch.unique(flat, return_inverse=True, return_counts=True)
+    first = torch.full_like(uniq, n).scatter_reduce_(0, inverse, torch.arange(n, device=flat.device), "amin")
+    o = torch.argsort(first - votes * (n + 1))
     both = torch.stack([uniq[o], votes[o]]).tolist()
     return both[0], both[1]
 
