@@ -218,7 +218,8 @@ def test_the_precision_gate_loads_only_positions_that_earned_it(num_layers, num_
             layer %= num_layers
             order = [e for e in perm if e < num_experts]
             cands, routed = order[:k + 1], sorted(order[1:k + 1])   # the first candidate is always wrong
-            earned = [e for i, e in enumerate(cands) if policy.precision(layer, i) >= threshold]
+            earned = [e for i, e in enumerate(cands)
+                      if max(policy.precision(layer, i), policy.load_precision(layer, i)) >= threshold]
             before = set(gated.assigned())
             gated.enter_layer(layer)
             twin.enter_layer(layer)

@@ -500,7 +500,8 @@ class ExpertCache:
                 return
             wrong = [s for s in self._protected.get(layer, ()) if s.key[1] not in chosen]
             if self.policy == "predictive":    # the router decided: this call's predictions it did not choose are void
-                self.strategy.observe(layer, chosen)
+                self.strategy.observe(layer, chosen, {s.key[1] for s in self._protected.get(layer, ())
+                                                      if s.state in (_READY, _LOADING)})
                 hints = self.strategy.hints.get(layer)
                 if hints:                      # (a hint due before the layer's next pass is this call's)
                     horizon = self.strategy.clock + len(self._layer_pos)

@@ -448,31 +448,50 @@ class PredictivePolicy(Policy):
         :meth:`observe` scores it against the router's choice."""
         self._listed[layer] = list(experts)
 
-    def observe(self, layer: int, routed) -> None:
+    def observe(self, layer: int, routed, loaded=()) -> None:
         """The router chose ``routed`` for ``layer``'s call: score each position of the
-        outstanding candidate list (hit: its expert was chosen)."""
+        outstanding candidate list (a hit: its expert was chosen) and, for the candidates in
+        ``loaded`` (loaded before the router: a transfer was made for them), whether that
+        load was right."""
         listed = self._listed.pop(layer, None)
         if not listed:
             return
         pos = self._position.setdefault(layer, [])
         while len(pos) < len(listed):
-            pos.append([0, 0])
+            pos.append([0, 0, 0, 0])
         for i, e in enumerate(listed):
-            pos[i][0] += e in routed
-            pos[i][1] += 1
+            hit = e in routed
+            row = pos[i]
+            row[0] += hit
+            row[1] += 1
+            if e in loaded:
+                row[2] += hit
+                row[3] += 1
 
     def precision(self, layer: int, position: int) -> float:
         """Measured share of ``layer``'s candidate lists whose expert at ``position`` the
         router chose; ``(hits + 1) / (seen + 1)``: 1 before anything is seen (optimistic, so
         prefetching starts and is measured)."""
         pos = self._position.get(layer)
-        hits, seen = pos[position] if pos is not None and position < len(pos) else (0, 0)
-        return (hits + 1) / (seen + 1)
+        row = pos[position] if pos is not None and position < len(pos) else (0, 0, 0, 0)
+        return (row[0] + 1) / (row[1] + 1)
+
+    def load_precision(self, layer: int, position: int) -> float:
+        """Measured share of the loads made before the router for ``layer``'s candidates at
+        ``position`` that the router then chose, ``(right + 1) / (loads + 1)``. A candidate
+        that waited for the router (no slot it may take before the call) and was dropped costs
+        no load and does not count."""
+        pos = self._position.get(layer)
+        row = pos[position] if pos is not None and position < len(pos) else (0, 0, 0, 0)
+        return (row[2] + 1) / (row[3] + 1)
 
     def precise(self, layer: int, experts, threshold: float) -> list[int]:
-        """The ``experts`` (a candidate list, best first) at positions whose measured
-        precision is at least ``threshold``."""
-        return [e for i, e in enumerate(experts) if self.precision(layer, i) >= threshold]
+        """The ``experts`` (a candidate list, best first) worth a load before the router: at
+        positions whose measured precision, or the measured precision of the loads they made,
+        is at least ``threshold``. (A position whose loads fell below it stays closed unless
+        the router's choices alone raise its precision back.)"""
+        return [e for i, e in enumerate(experts)
+                if self.precision(layer, i) >= threshold or self.load_precision(layer, i) >= threshold]
 
     def hint(self, layer: int, experts, distance: int, lookup, complete: bool = False) -> None:
         """``complete``: ``experts`` are every candidate of that run of ``layer`` (a predictor's
