@@ -177,7 +177,8 @@ def explain(name: str, trace, args, suffix: str) -> dict:
     out["tokens"] = tokens
     keys = ["loads", "resident", "prefetched", "loaded_in_call", "predicted_in_call", "evicted_by_demand",
             "evicted_by_demand_min_kept", "evicted_by_prefetch", "evicted_by_prefetch_min_kept", "cold",
-            "wasted_prefetches", "prefetch_evictions", "prefetch_evictions_reloaded"]
+            "wasted_prefetches", "prefetch_evictions", "prefetch_evictions_reloaded", "prefetch_evictions_own_layer",
+            "prefetch_evictions_previous_layer"]
     print(f"== {name}: where the loads go, batch {args.explain_batch}, {100 * args.explain_budget:g}% ({slots} slots), "
           f"{tokens} tokens, per token (uses {out['runs']['MIN']['uses'] / tokens:.2f}; MIN loads "
           f"{m_loads / tokens:.2f}, resident {m_res / tokens:.2f})")

@@ -422,12 +422,15 @@ def explain_loads(calls: list[LayerCall], events: list, min_sets: list, predicti
       at that call (an eviction MIN avoids);
     * ``wasted_prefetches``: loaded before the call for this layer and not used by it
       (a wrong prediction), ``prefetch_evictions`` / ``prefetch_evictions_reloaded``:
-      experts a prefetch evicted, and how many of them were loaded again later (its harm).
+      experts a prefetch evicted, and how many of them were loaded again later (its harm);
+      ``prefetch_evictions_own_layer`` / ``_previous_layer``: of the call's own layer (its
+      stale experts, what a demand load evicts) / of the layer that ran just before.
     """
     out = dict.fromkeys(["uses", "resident", "prefetched", "loaded_in_call", "predicted_in_call", "cold",
                          "evicted_by_prefetch", "evicted_by_demand", "evicted_by_prefetch_min_kept",
                          "evicted_by_demand_min_kept", "min_resident", "wasted_prefetches", "prefetch_evictions",
-                         "prefetch_evictions_reloaded", "loads"], 0)
+                         "prefetch_evictions_reloaded", "prefetch_evictions_own_layer",
+                         "prefetch_evictions_previous_layer", "loads"], 0)
     gone: dict[tuple[int, int], str] = {}
     for i, (c, (start, after, end)) in enumerate(zip(calls, events)):
         own = set()
@@ -438,9 +441,12 @@ def explain_loads(calls: list[LayerCall], events: list, min_sets: list, predicti
                                if p >= min_confidence)
         pre_loaded = after - start
         out["loads"] += len(pre_loaded) + len(end - after)
+        prev = calls[i - 1].layer if i else None
         for key in start - after:
             gone[key] = "prefetch"
             out["prefetch_evictions"] += 1
+            out["prefetch_evictions_own_layer"] += key[0] == c.layer
+            out["prefetch_evictions_previous_layer"] += key[0] == prev != c.layer
         for key in pre_loaded:
             if key[0] == c.layer and key[1] not in c.active:
                 out["wasted_prefetches"] += 1
