@@ -840,6 +840,7 @@ class ExpertCache:
         acc[2] += cancelled
 
     def _flush_evictions(self, evicted: dict) -> None:
+        per_layer = {}
         for layer, (n, wasted, cancelled) in evicted.items():
             counts = {}
             if n:
@@ -851,7 +852,9 @@ class ExpertCache:
             if wasted or cancelled:
                 counts["prefetch_wasted"] = wasted + cancelled
             if counts:
-                self.stats.add(layer, **counts)
+                per_layer[layer] = counts
+        if per_layer:
+            self.stats.add_each(per_layer)
 
     # ------------------------------------------------------------ internals: victims (lock held)
 

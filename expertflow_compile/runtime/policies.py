@@ -7,7 +7,10 @@ A policy keeps the cache's *candidates* - slots that are loaded (READY), not pin
 not protected (see :mod:`~expertflow_compile.runtime.cache`) - in a structure ordered by
 its eviction key, so that picking a victim never scans the slots:
 
-* ``"lru"``: least recently used first. Key ``(last_use,)``: one heap.
+* ``"lru"``: least recently used first. Key ``(last_use,)``: an ordered dict of the
+  candidates added in ``last_use`` order (the usual case: a slot becomes a candidate when its
+  use ends, so O(1) whatever the slot count), and a heap for the few added out of order (a
+  prefetched expert whose protection lapsed).
 * ``"lfu"``: least frequently used first (every use over the cache's life counts; counts
   survive eviction), ties least recently used. Key ``(uses, last_use)``: one heap.
 * ``"predictive"``: the expert whose next use is furthest away first (Belady's rule on
@@ -43,6 +46,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["POLICIES", "Policy", "LRUPolicy", "LFUPolicy", "PredictivePolicy", "make_policy"]
@@ -162,15 +166,67 @@ class Policy:
         return False
 
 
+class _InOrder:
+    """The LRU candidates added in increasing ``last_use`` order (a marker for ``pq_group``)."""
+
+    __slots__ = ("slots", "high")
+
+    def __init__(self):
+        self.slots: OrderedDict = OrderedDict()
+        self.high = -math.inf       # the largest last_use added so far
+
+
 class LRUPolicy(Policy):
     name = "lru"
 
     def __init__(self):
-        self._heap = _Heap()
+        self._order = _InOrder()
+        self._late = _Heap()        # candidates added with an older last_use than one already added
 
     def add(self, slot) -> None:
-        slot.pq_group = self._heap
-        self._heap.push((slot.last_use,), slot)
+        order = self._order
+        if slot.last_use > order.high:
+            order.high = slot.last_use
+            order.slots[slot] = None
+            slot.pq_group = order
+        else:
+            slot.pq_group = self._late
+            self._late.push((slot.last_use,), slot)
+
+    def discard(self, slot) -> None:
+        group = slot.pq_group
+        if group is None:
+            return
+        if group is self._order:
+            del group.slots[slot]
+        else:
+            group.drop(slot)
+        slot.pq_group = None
+
+    def _best(self):
+        slots = self._order.slots
+        first = next(iter(slots)) if slots else None
+        e = self._late.top()
+        if e is None:
+            return first
+        if first is None or e[-1].last_use < first.last_use:
+            return e[-1]
+        return first
+
+    def key(self, slot) -> tuple:
+        return (slot.last_use,)
+
+    @property
+    def candidates(self) -> int:
+        return len(self._order.slots) + self._late.live
+
+
+class LFUPolicy(Policy):
+    name = "lfu"
+
+    def __init__(self):
+        self._heap = _Heap()
+        self.uses: dict[tuple[int, int], int] = {}
 
     def discard(self, slot) -> None:
         if slot.pq_group is not None:
@@ -181,20 +237,9 @@ class LRUPolicy(Policy):
         e = self._heap.top()
         return None if e is None else e[-1]
 
-    def key(self, slot) -> tuple:
-        return (slot.last_use,)
-
     @property
     def candidates(self) -> int:
         return self._heap.live
-
-
-class LFUPolicy(LRUPolicy):
-    name = "lfu"
-
-    def __init__(self):
-        super().__init__()
-        self.uses: dict[tuple[int, int], int] = {}
 
     def add(self, slot) -> None:
         slot.pq_group = self._heap
