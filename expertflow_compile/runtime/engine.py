@@ -128,6 +128,7 @@ class ExpertEngine:
         self.prediction = {"true_positive": 0, "predicted": 0, "used": 0}
         self._cache_layers: tuple[int, ...] = ()
         self._views_of: dict[int, tuple] = {}     # layer -> (weights, per-expert views)
+        self._inline_prefetch = False             # prefetches read at the prefetch op (build_cache)
         self._closed = False
         self.id = register_engine(self)
 
@@ -212,6 +213,8 @@ class ExpertEngine:
             n = plan.num_experts           # a router may score more (identity experts)
             experts = r.experts if max(r.experts) < n else [x for x in r.experts if x < n]
             self.cache.prefetch(r.layer, experts)
+        if self._inline_prefetch:
+            self.cache.run_prefetches()
 
     # ----- layers -------------------------------------------------------------------
     def layer_number_for(self, layer: int, w_up, reserved=()) -> int:
@@ -509,8 +512,16 @@ class ExpertEngine:
         slots = budget.resolve_slots(self.store.specs, self.min_resident_experts())
         any_up = next(iter(self._layer_tensors.values()), {}).get("up")
         device = any_up.device if any_up is not None and any_up.device.type != "meta" else torch.device("cpu")
+        # A CPU cache over a host tier in RAM: a prefetch is a RAM copy, which a worker thread
+        # cannot overlap with anything (one thread computes; the hand-off and the GIL cost more
+        # than the copy), so prefetches are read on the calling thread at the prefetch op -
+        # before the layer they are for, as the worker would. Other stores (files, wrappers
+        # such as an emulated link) and CUDA keep the worker.
+        inline = (bool(self.config.prefetch) and device.type == "cpu"
+                  and type(self.store) in (StackedTensorStore, TensorExpertStore))
         self.cache = ExpertCache(self.store, slots, policy=self.config.policy, device=device,
-                                 prefetch=self.config.prefetch, stats=self.stats)
+                                 prefetch="deferred" if inline else self.config.prefetch, stats=self.stats)
+        self._inline_prefetch = inline
         self._cache_layers = tuple(sorted(self.layers))
         log.info("expertflow: %d expert slots (%d bytes) for %d MoE layers, policy %s",
                  slots, self.cache.budget_bytes, len(self.layers), self.config.policy)
