@@ -198,6 +198,17 @@ class ExpertEngine:
                 return preds
         return []
 
+    def predict_and_prefetch(self, layer: int, hidden: torch.Tensor, width: int) -> None:
+        """``prefetch(predict(...))`` without the codes tensor between them (what a graph
+        run eagerly calls: nothing reads the codes there)."""
+        if self.predictor is None and self.recorder is None and self.config.predictor != "lookahead":
+            return
+        preds = cap(self._predictions(layer, hidden), width)
+        for r in preds:
+            self._predicted[r.layer] = set(r.experts)
+        if self.cache is not None and preds:
+            self._prefetch_ranked(preds)
+
     def prefetch(self, layer: int, predicted: torch.Tensor) -> None:
         handoff = self._handoff.pop(layer, None)
         if self.cache is None:
@@ -206,6 +217,9 @@ class ExpertEngine:
             preds = handoff[1]
         else:                                  # not the predict op's own tensor: read the codes
             preds = decode(predicted.tolist())
+        self._prefetch_ranked(preds)
+
+    def _prefetch_ranked(self, preds) -> None:
         for r in preds:
             plan = self.layers.get(r.layer)
             if plan is None or not r.experts:
