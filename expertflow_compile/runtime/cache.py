@@ -1082,7 +1082,8 @@ class ExpertCache:
         done = 0
         try:
             if self._read_many is not None and len(batch) > 1:   # one call for the whole layer call
-                self._read_many(layer, [e for e, _ in batch], self.pool.stacked(layer), [s.index for _, s in batch])
+                self._read_many(layer, [e for e, _ in batch], self.pool.stacked(layer), [s.index for _, s in batch],
+                                self.pool.stacked_rows(layer))
                 done = len(batch)
             else:
                 for e, slot in batch:
@@ -1418,7 +1419,7 @@ class ExpertCache:
             if any(key[0] != layer for _, key, _d in taken):
                 raise ValueError("one layer per batch")
             self._read_many(layer, [key[1] for _, key, _d in taken], self.pool.stacked(layer),
-                            [slot.index for slot, _, _d in taken])
+                            [slot.index for slot, _, _d in taken], self.pool.stacked_rows(layer))
         except BaseException:
             for slot, key, demand in taken:         # one by one: only the failing ones fail
                 self._worker_read(slot, key, demand)

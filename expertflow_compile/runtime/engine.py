@@ -149,7 +149,11 @@ class ExpertEngine:
 
     def register_router(self, layer: int, fn, params: list[torch.Tensor]) -> None:
         """Layer ``layer``'s router chain, ``fn(h, *params) -> logits``, applicable to the
-        residual stream before its attention (used by the lookahead predictor)."""
+        residual stream before its attention (used by the lookahead predictor). A module's
+        ``forward`` is kept (called per layer call: the module call machinery costs more than
+        a decode step's router)."""
+        if isinstance(fn, torch.nn.Module) and not (fn._forward_hooks or fn._forward_pre_hooks):
+            fn = fn.forward
         self.routers[layer] = (fn, params)
         self._view = None
 
