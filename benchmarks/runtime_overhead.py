@@ -17,7 +17,10 @@ same model, decoding the same tokens:
 * ``lru`` / ``lfu`` / ``predictive+lookahead`` at 12.5%, 25% and 50% expert budgets
 
 Each setting: a 16-token prompt, 8 decode steps of warm-up (compiles, fills the cache),
-then ``--steps`` measured decode steps in segments of 8; the table gives the median over
+then ``--steps`` measured decode steps in segments of 8 (``--interleave``: every setting of
+a shape compiled side by side in one process, their segments taken in turn with the order
+rotating each round, so that a machine whose speed drifts - other load, CPU steal - slows
+every setting alike; without it, one setting after the other); the table gives the median over
 segments of wall and CPU ms/token (the CPU time of the process, all threads: less
 sensitive to other load on a shared machine), the ratio to both resident rows, loads per
 expert use, and whether every measured step's logits equal ``ef-resident``'s (max |diff|).
@@ -27,7 +30,7 @@ random routing, batched layer calls): per-use cost at 64 slots (8 layers x 32 ex
 top-8, 25%) and at 3,712 slots (58 x 256, top-8, 25%: DeepSeek-V3's shape), same per-call
 shape and loads per use, best of 5.
 
-    OMP_NUM_THREADS=1 python benchmarks/runtime_overhead.py                 # everything (~30 min)
+    OMP_NUM_THREADS=1 python benchmarks/runtime_overhead.py --interleave    # everything (~40 min)
     python benchmarks/runtime_overhead.py --shapes qwen3 --budgets 25%      # one shape, one budget
     python benchmarks/runtime_overhead.py --merge a.json,b.json             # one table from runs per shape
 """
