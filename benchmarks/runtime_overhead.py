@@ -17,7 +17,10 @@ same model, decoding the same tokens:
 * ``lru`` / ``lfu`` / ``predictive+lookahead`` at 12.5%, 25% and 50% expert budgets
 
 Each setting: a 16-token prompt, 8 decode steps of warm-up (compiles, fills the cache),
-then ``--steps`` measured decode steps in segments of 8; the table gives the median over
+then ``--steps`` measured decode steps in segments of 8 (``--interleave``: every setting of
+a shape compiled side by side in one process, their segments taken in turn with the order
+rotating each round, so that a machine whose speed drifts - other load, CPU steal - slows
+every setting alike; without it, one setting after the other); the table gives the median over
 segments of wall and CPU ms/token (the CPU time of the process, all threads: less
 sensitive to other load on a shared machine), the ratio to both resident rows, loads per
 expert use, and whether every measured step's logits equal ``ef-resident``'s (max |diff|).
@@ -27,7 +30,7 @@ random routing, batched layer calls): per-use cost at 64 slots (8 layers x 32 ex
 top-8, 25%) and at 3,712 slots (58 x 256, top-8, 25%: DeepSeek-V3's shape), same per-call
 shape and loads per use, best of 5.
 
-    OMP_NUM_THREADS=1 python benchmarks/runtime_overhead.py                 # everything (~30 min)
+    OMP_NUM_THREADS=1 python benchmarks/runtime_overhead.py --interleave    # everything (~40 min)
     python benchmarks/runtime_overhead.py --shapes qwen3 --budgets 25%      # one shape, one budget
     python benchmarks/runtime_overhead.py --merge a.json,b.json             # one table from runs per shape
 """
@@ -122,12 +125,7 @@ def run_setting(base, name: str, budget: str | None, policy: str, predictor: str
 
     torch._dynamo.reset()
     gc.collect()
-    model = copy.deepcopy(base)
-    if name == "hf-resident":
-        model.compile(backend="eager")
-    else:
-        opts = {} if budget is None else {"expert_budget": budget, "policy": policy, "predictor": predictor}
-        model.compile(backend="expertflow", options=opts)
+    model = _compiled(base, name, budget, policy, predictor)
     reset = (lambda: ef.reset_stats(model)) if name != "hf-resident" else None
     segs, logits = decode(model, steps, on_warm=reset)
     row = {"setting": name, "budget": budget or "100%", "wall_ms": 1e3 * statistics.median(w for w, _ in segs),
@@ -140,6 +138,69 @@ def run_setting(base, name: str, budget: str | None, policy: str, predictor: str
     torch._dynamo.reset()
     gc.collect()
     return row, logits
+
+
+def _compiled(base, name: str, budget: str | None, policy: str, predictor: str):
+    model = copy.deepcopy(base)
+    if name == "hf-resident":
+        model.compile(backend="eager")
+    else:
+        opts = {} if budget is None else {"expert_budget": budget, "policy": policy, "predictor": predictor}
+        model.compile(backend="expertflow", options=opts)
+    return model
+
+
+def interleaved_rows(base, plan, steps: int, warmup: int = 8, seg: int = 8, log=print) -> list[tuple[dict, torch.Tensor]]:
+    """Every setting of ``plan`` compiled side by side in this process, their measured
+    segments taken in turn (the order rotating by one each round), so that a machine whose
+    speed drifts (other load, CPU steal) slows every setting alike. Returns (row, logits) per
+    setting, in ``plan`` order."""
+    import expertflow_compile as ef
+    from transformers import DynamicCache
+
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(plan))
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, VOCAB, (1, 16), generator=g)
+    tokens = torch.randint(0, VOCAB, (warmup + steps,), generator=g)
+    runs = []
+    with torch.no_grad():
+        for name, budget, policy, pred in plan:
+            t0 = time.perf_counter()
+            model = _compiled(base, name, budget, policy, pred)
+            cache = DynamicCache(config=model.config)
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            for i in range(warmup):
+                model(input_ids=tokens[i].view(1, 1), past_key_values=cache, use_cache=True)
+            if name != "hf-resident":
+                ef.reset_stats(model)
+            runs.append({"model": model, "cache": cache, "segs": [], "logits": []})
+            log(f"  compiled and warmed {name} {budget or ''} ({time.perf_counter() - t0:.0f} s)")
+        for r, s in enumerate(range(0, steps, seg)):
+            n = min(seg, steps - s)
+            for j in range(len(plan)):
+                k = (j + r) % len(plan)
+                run = runs[k]
+                t0, c0 = time.perf_counter(), time.process_time()
+                for i in range(warmup + s, warmup + s + n):
+                    out = run["model"](input_ids=tokens[i].view(1, 1), past_key_values=run["cache"], use_cache=True)
+                    run["logits"].append(out.logits[0, -1].clone())
+                run["segs"].append(((time.perf_counter() - t0) / n, (time.process_time() - c0) / n))
+    out = []
+    for (name, budget, _, _), run in zip(plan, runs):
+        segs = run["segs"]
+        row = {"setting": name, "budget": budget or "100%", "segments": segs, "interleaved": True,
+               "wall_ms": 1e3 * statistics.median(w for w, _ in segs),
+               "cpu_ms": 1e3 * statistics.median(c for _, c in segs)}
+        if name != "hf-resident":
+            st = ef.stats(run["model"])
+            row.update(uses=st["uses"], loads=st["loads"], resident_rate=st["resident_rate"],
+                       ready_rate=st["ready_rate"], loads_per_use=st["loads"] / st["uses"] if st["uses"] else 0.0)
+        out.append((row, torch.stack(run["logits"])))
+    del runs
+    torch._dynamo.reset()
+    gc.collect()
+    return out
 
 
 def eager_logits(base, steps: int):
@@ -163,7 +224,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def model_rows(shape: str, budgets, steps: int, log=print, policies=POLICIES, resident: bool = True,
-               on_row=None) -> list[dict]:
+               on_row=None, interleave: bool = False) -> list[dict]:
     base = build(shape)
     rows, ref = [], None
     plan = [("hf-resident", None, "", ""), ("ef-resident", None, "", "")] if resident else []
@@ -172,9 +233,10 @@ def model_rows(shape: str, budgets, steps: int, log=print, policies=POLICIES, re
     for b in budgets:
         for policy, pred in policies:
             plan.append((policy if pred == "none" else f"{policy}+{pred}", b, policy, pred))
-    for name, budget, policy, pred in plan:
+    done = interleaved_rows(base, plan, steps, log=log) if interleave else None
+    for idx, (name, budget, policy, pred) in enumerate(plan):
         t0 = time.perf_counter()
-        row, logits = run_setting(base, name, budget, policy, pred, steps)
+        row, logits = done[idx] if done is not None else run_setting(base, name, budget, policy, pred, steps)
         if name == "ef-resident":
             ref = logits
         if ref is not None and name != "hf-resident":
@@ -264,6 +326,8 @@ def main(argv=None) -> int:
                     help="comma-separated settings: lru, lfu, predictive+lookahead")
     ap.add_argument("--no-resident", action="store_true", help="leave out the two resident rows (logits are "
                     "then compared with the uncompiled model; --merge takes the ratios from another run's)")
+    ap.add_argument("--interleave", action="store_true", help="compile every setting of a shape side by side "
+                    "and take their measured segments in turn (robust to a machine whose speed drifts)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "runtime_overhead.json"))
     ap.add_argument("--merge", metavar="JSON,...", help="print (and write to --json) one table from the "
                     "JSON files of separate runs (e.g. one run per shape, in parallel), then exit")
@@ -306,7 +370,7 @@ def main(argv=None) -> int:
     for shape in shapes:
         done = list(rows)
         rows += model_rows(shape, budgets, args.steps, policies=policies, resident=not args.no_resident,
-                           on_row=lambda r, done=done: save(done + r))
+                           on_row=lambda r, done=done: save(done + r), interleave=args.interleave)
     crows = [] if args.no_cache_bench else cache_rows()
     print(f"\nruntime overhead, CPU, 1 thread, {args.steps} measured decode steps per setting "
           f"({time.perf_counter() - t0:.0f} s in all)")

@@ -47,7 +47,9 @@ class ExpertFlowConfig:
         verify: check each rewritten block against the original graph on the first
             inputs at compile time; a block that disagrees is left untouched.
         inner_backend: what runs the rewritten graph: ``eager``, ``aot_eager``, ``inductor``.
-        prefetch: run loads on a background worker (CUDA side stream / CPU thread).
+        prefetch: load predicted experts ahead of their layer: on a background worker (CUDA
+            side stream; a CPU thread for a host tier read from files) or, for a CPU cache
+            over experts in RAM, on the calling thread at the prefetch op. False: no prefetch.
         resident_first: within a layer, compute the experts already resident first while
             the missing ones load (False: expert-id order, for measurements).
         kernels: the grouped GEMM implementation: ``auto`` (Triton on CUDA when the

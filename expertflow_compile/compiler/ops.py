@@ -200,7 +200,7 @@ def run_prediction(hidden: torch.Tensor, engine_id: int, layer: int, width: int)
     graph's order of calls already issues the prefetch before the layer's experts)."""
     eng = _engine(engine_id)
     if eng is not None:
-        eng.prefetch(layer, eng.predict(layer, hidden, width))
+        eng.predict_and_prefetch(layer, hidden, width)
 
 
 def run_routed_experts(hidden, topk_weights, topk_ids, num_experts, token, w_up, w_down, b_up, b_down, engine_id,

@@ -907,6 +907,7 @@ class ExpertCache:
         acc[2] += cancelled
 
     def _flush_evictions(self, evicted: dict) -> None:
+        per_layer = {}
         for layer, (n, wasted, cancelled) in evicted.items():
             counts = {}
             if n:
@@ -918,7 +919,9 @@ class ExpertCache:
             if wasted or cancelled:
                 counts["prefetch_wasted"] = wasted + cancelled
             if counts:
-                self.stats.add(layer, **counts)
+                per_layer[layer] = counts
+        if per_layer:
+            self.stats.add_each(per_layer)
 
     # ------------------------------------------------------------ internals: victims (lock held)
 
@@ -1146,7 +1149,8 @@ class ExpertCache:
         done = 0
         try:
             if self._read_many is not None and len(batch) > 1:   # one call for the whole layer call
-                self._read_many(layer, [e for e, _ in batch], self.pool.stacked(layer), [s.index for _, s in batch])
+                self._read_many(layer, [e for e, _ in batch], self.pool.stacked(layer), [s.index for _, s in batch],
+                                self.pool.stacked_rows(layer))
                 done = len(batch)
             else:
                 for e, slot in batch:
@@ -1482,7 +1486,7 @@ class ExpertCache:
             if any(key[0] != layer for _, key, _d in taken):
                 raise ValueError("one layer per batch")
             self._read_many(layer, [key[1] for _, key, _d in taken], self.pool.stacked(layer),
-                            [slot.index for slot, _, _d in taken])
+                            [slot.index for slot, _, _d in taken], self.pool.stacked_rows(layer))
         except BaseException:
             for slot, key, demand in taken:         # one by one: only the failing ones fail
                 self._worker_read(slot, key, demand)

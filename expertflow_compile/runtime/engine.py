@@ -128,6 +128,7 @@ class ExpertEngine:
         self.prediction = {"true_positive": 0, "predicted": 0, "used": 0}
         self._cache_layers: tuple[int, ...] = ()
         self._views_of: dict[int, tuple] = {}     # layer -> (weights, per-expert views)
+        self._inline_prefetch = False             # prefetches read at the prefetch op (build_cache)
         self._closed = False
         self.id = register_engine(self)
 
@@ -148,7 +149,11 @@ class ExpertEngine:
 
     def register_router(self, layer: int, fn, params: list[torch.Tensor]) -> None:
         """Layer ``layer``'s router chain, ``fn(h, *params) -> logits``, applicable to the
-        residual stream before its attention (used by the lookahead predictor)."""
+        residual stream before its attention (used by the lookahead predictor). A module's
+        ``forward`` is kept (called per layer call: the module call machinery costs more than
+        a decode step's router)."""
+        if isinstance(fn, torch.nn.Module) and not (fn._forward_hooks or fn._forward_pre_hooks):
+            fn = fn.forward
         self.routers[layer] = (fn, params)
         self._view = None
 
@@ -197,6 +202,17 @@ class ExpertEngine:
                 return preds
         return []
 
+    def predict_and_prefetch(self, layer: int, hidden: torch.Tensor, width: int) -> None:
+        """``prefetch(predict(...))`` without the codes tensor between them (what a graph
+        run eagerly calls: nothing reads the codes there)."""
+        if self.predictor is None and self.recorder is None and self.config.predictor != "lookahead":
+            return
+        preds = cap(self._predictions(layer, hidden), width)
+        for r in preds:
+            self._predicted[r.layer] = set(r.experts)
+        if self.cache is not None and preds:
+            self._prefetch_ranked(layer, preds)
+
     def prefetch(self, layer: int, predicted: torch.Tensor) -> None:
         handoff = self._handoff.pop(layer, None)
         if self.cache is None:
@@ -205,6 +221,9 @@ class ExpertEngine:
             preds = handoff[1]
         else:                                  # not the predict op's own tensor: read the codes
             preds = decode(predicted.tolist())
+        self._prefetch_ranked(layer, preds)
+
+    def _prefetch_ranked(self, layer: int, preds) -> None:
         gate = self.config.prefetch_min_precision if self.config.policy == "predictive" else None
         for r in preds:
             plan = self.layers.get(r.layer)
@@ -219,6 +238,8 @@ class ExpertEngine:
                 self.cache.prefetch(layer, experts, harm_limit=len(self.layers), min_precision=gate)
             else:
                 self.cache.prefetch(r.layer, experts, min_precision=gate)
+        if self._inline_prefetch:
+            self.cache.run_prefetches()
 
     # ----- layers -------------------------------------------------------------------
     def layer_number_for(self, layer: int, w_up, reserved=()) -> int:
@@ -518,8 +539,16 @@ class ExpertEngine:
         slots = budget.resolve_slots(self.store.specs, self.min_resident_experts())
         any_up = next(iter(self._layer_tensors.values()), {}).get("up")
         device = any_up.device if any_up is not None and any_up.device.type != "meta" else torch.device("cpu")
+        # A CPU cache over a host tier in RAM: a prefetch is a RAM copy, which a worker thread
+        # cannot overlap with anything (one thread computes; the hand-off and the GIL cost more
+        # than the copy), so prefetches are read on the calling thread at the prefetch op -
+        # before the layer they are for, as the worker would. Other stores (files, wrappers
+        # such as an emulated link) and CUDA keep the worker.
+        inline = (bool(self.config.prefetch) and device.type == "cpu"
+                  and type(self.store) in (StackedTensorStore, TensorExpertStore))
         self.cache = ExpertCache(self.store, slots, policy=self.config.policy, device=device,
-                                 prefetch=self.config.prefetch, stats=self.stats)
+                                 prefetch="deferred" if inline else self.config.prefetch, stats=self.stats)
+        self._inline_prefetch = inline
         self._cache_layers = tuple(sorted(self.layers))
         log.info("expertflow: %d expert slots (%d bytes) for %d MoE layers, policy %s",
                  slots, self.cache.budget_bytes, len(self.layers), self.config.policy)

@@ -20,7 +20,7 @@ from .store import ExpertSpec, ExpertStore
 
 __all__ = ["StackedTensorStore"]
 
-_FEW = 16   # experts per read_many call up to which they are copied one by one
+_FEW = 16   # experts per read_many call up to which they are copied view to view (one _foreach_copy_)
 
 
 class StackedTensorStore(ExpertStore):
@@ -57,19 +57,23 @@ class StackedTensorStore(ExpertStore):
             per = self._per_expert[layer] = {name: t.unbind(0) for name, t in self._tensors[layer].items()}
         return per
 
-    def read_many(self, layer: int, experts: list[int], out: dict[str, torch.Tensor], rows: list[int]) -> None:
+    def read_many(self, layer: int, experts: list[int], out: dict[str, torch.Tensor], rows: list[int],
+                  out_rows: dict[str, tuple] | None = None) -> None:
         """``out[name][rows[i]] = expert experts[i]'s tensor`` for every name: ``out`` holds
-        ``[S, *shape]`` tensors (the cache's pool viewed in this layer's layout). A few experts
-        (a decode step) are copied one by one from per-expert views made once per layer (cheaper
-        than building index tensors); more, with one gather and one scatter per name."""
+        ``[S, *shape]`` tensors (the cache's pool viewed in this layer's layout; ``out_rows``,
+        when given, the same as per-row views made once). A few experts (a decode step) are
+        copied from per-expert views made once per layer, in one ``_foreach_copy_`` (cheaper than
+        building index tensors); more, with one gather and one scatter per name."""
         spec = self._check_key(layer, max(experts))
         if min(experts) < 0:
             raise IndexError(f"expert {min(experts)} out of range for layer {layer} ({spec.num_experts} experts)")
         if len(experts) <= _FEW:
+            dsts, srcs = [], []
             for name, views in self._views(layer).items():
-                dst = out[name]
-                for e, r in zip(experts, rows):
-                    dst[r].copy_(views[e])
+                dst = out[name] if out_rows is None else out_rows[name]
+                dsts += [dst[r] for r in rows]
+                srcs += [views[e] for e in experts]
+            torch._foreach_copy_(dsts, srcs)   # one dispatch for every copy of the call
             return
         src_idx = torch.tensor(experts, dtype=torch.int64)
         dst_idx = torch.tensor(rows, dtype=torch.int64)

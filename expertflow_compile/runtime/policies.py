@@ -7,7 +7,10 @@ A policy keeps the cache's *candidates* - slots that are loaded (READY), not pin
 not protected (see :mod:`~expertflow_compile.runtime.cache`) - in a structure ordered by
 its eviction key, so that picking a victim never scans the slots:
 
-* ``"lru"``: least recently used first. Key ``(last_use,)``: one heap.
+* ``"lru"``: least recently used first. Key ``(last_use,)``: an ordered dict of the
+  candidates added in ``last_use`` order (the usual case: a slot becomes a candidate when its
+  use ends, so O(1) whatever the slot count), and a heap for the few added out of order (a
+  prefetched expert whose protection lapsed).
 * ``"lfu"``: least frequently used first (every use over the cache's life counts; counts
   survive eviction), ties least recently used. Key ``(uses, last_use)``: one heap.
 * ``"predictive"``: the expert whose next use is furthest away first (Belady's rule on
@@ -51,6 +54,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["POLICIES", "Policy", "LRUPolicy", "LFUPolicy", "PredictivePolicy", "make_policy"]
@@ -59,6 +63,7 @@ POLICIES = ("lru", "lfu", "predictive")
 
 _SEQ = itertools.count(1)
 _REUSE_CAP = 64            # reuse distances (in runs of a layer) kept apart; longer ones share a bucket
+_NO_HINTS: dict = {}       # (read only) the hints of a layer that has none
 
 
 class _Heap:
@@ -170,15 +175,67 @@ class Policy:
         return False
 
 
+class _InOrder:
+    """The LRU candidates added in increasing ``last_use`` order (a marker for ``pq_group``)."""
+
+    __slots__ = ("slots", "high")
+
+    def __init__(self):
+        self.slots: OrderedDict = OrderedDict()
+        self.high = -math.inf       # the largest last_use added so far
+
+
 class LRUPolicy(Policy):
     name = "lru"
 
     def __init__(self):
-        self._heap = _Heap()
+        self._order = _InOrder()
+        self._late = _Heap()        # candidates added with an older last_use than one already added
 
     def add(self, slot) -> None:
-        slot.pq_group = self._heap
-        self._heap.push((slot.last_use,), slot)
+        order = self._order
+        if slot.last_use > order.high:
+            order.high = slot.last_use
+            order.slots[slot] = None
+            slot.pq_group = order
+        else:
+            slot.pq_group = self._late
+            self._late.push((slot.last_use,), slot)
+
+    def discard(self, slot) -> None:
+        group = slot.pq_group
+        if group is None:
+            return
+        if group is self._order:
+            del group.slots[slot]
+        else:
+            group.drop(slot)
+        slot.pq_group = None
+
+    def _best(self):
+        slots = self._order.slots
+        first = next(iter(slots)) if slots else None
+        e = self._late.top()
+        if e is None:
+            return first
+        if first is None or e[-1].last_use < first.last_use:
+            return e[-1]
+        return first
+
+    def key(self, slot) -> tuple:
+        return (slot.last_use,)
+
+    @property
+    def candidates(self) -> int:
+        return len(self._order.slots) + self._late.live
+
+
+class LFUPolicy(Policy):
+    name = "lfu"
+
+    def __init__(self):
+        self._heap = _Heap()
+        self.uses: dict[tuple[int, int], int] = {}
 
     def discard(self, slot) -> None:
         if slot.pq_group is not None:
@@ -189,20 +246,9 @@ class LRUPolicy(Policy):
         e = self._heap.top()
         return None if e is None else e[-1]
 
-    def key(self, slot) -> tuple:
-        return (slot.last_use,)
-
     @property
     def candidates(self) -> int:
         return self._heap.live
-
-
-class LFUPolicy(LRUPolicy):
-    name = "lfu"
-
-    def __init__(self):
-        super().__init__()
-        self.uses: dict[tuple[int, int], int] = {}
 
     def add(self, slot) -> None:
         slot.pq_group = self._heap
@@ -231,8 +277,9 @@ class PredictivePolicy(Policy):
         self.estimate_unhinted = bool(estimate_unhinted)
         self.estimator = estimator
         self._last_run: dict[tuple[int, int], int] = {}     # run of its layer in which the expert was last used
-        self._reuse: dict[int, list[int]] = {}               # layer -> histogram of reuse distances (in runs)
-        self._tail: dict[int, list[float] | None] = {}       # layer -> E[R | R > a] per age a (cached)
+        # layer -> suffix sums of its histogram of reuse distances (in runs): [mass, weighted]
+        # of the distances >= s, per s (integers, kept exact as each reuse arrives)
+        self._reuse: dict[int, tuple[list[int], list[int]]] = {}
         self.clock = 0
         self._pos: dict[int, int] = {}
         self._n = 1
@@ -283,30 +330,30 @@ class PredictivePolicy(Policy):
         seen yet): ``1 / chance - 1`` with ``chance`` its share of its layer's runs."""
         layer = key[0]
         if self.estimator == "reuse":
-            tail = self._tail_of(layer)
+            sums = self._reuse.get(layer)
             last = self._last_run.get(key)
-            if tail is not None and last is not None:
+            if sums is not None and last is not None:
                 a = min(self._runs.get(layer, 0) - last, _REUSE_CAP)
-                return tail[a] - a - 1.0
+                return self._tail(sums, a) - a - 1.0
         chance = self._used.get(key, 0) / max(1, self._runs.get(layer, 0))
         return math.inf if chance <= 0 else 1.0 / chance - 1.0
 
-    def _tail_of(self, layer: int):
-        tail = self._tail.get(layer)
-        if tail is None:
-            hist = self._reuse.get(layer)
-            if not hist:
-                return None
-            tail = [0.0] * (_REUSE_CAP + 1)
-            mass = weighted = 0.0
-            for r in range(_REUSE_CAP + 1, 0, -1):   # bucket CAP+1 holds longer distances, counted as 2 x CAP
-                n = hist[r]
-                mass += n
-                weighted += n * (r if r <= _REUSE_CAP else 2 * _REUSE_CAP)
-                if r - 1 <= _REUSE_CAP:
-                    tail[r - 1] = weighted / mass if mass else 4.0 * _REUSE_CAP
-            self._tail[layer] = tail
-        return tail
+    @staticmethod
+    def _tail(sums, a: int) -> float:
+        """``E[R | R > a]`` from a layer's suffix sums (distances past the cap count as 2 x cap)."""
+        mass, weighted = sums[0][a + 1], sums[1][a + 1]
+        return weighted / mass if mass else 4.0 * _REUSE_CAP
+
+    def _add_reuse(self, layer: int, distance: int) -> None:
+        sums = self._reuse.get(layer)
+        if sums is None:
+            sums = self._reuse[layer] = ([0] * (_REUSE_CAP + 3), [0] * (_REUSE_CAP + 3))
+        r = min(distance, _REUSE_CAP + 1)
+        w = r if r <= _REUSE_CAP else 2 * _REUSE_CAP
+        mass, weighted = sums
+        for i in range(1, r + 1):
+            mass[i] += 1
+            weighted[i] += w
 
     def _distance(self, key) -> float:
         """Estimated layer moves until an unhinted expert is used (inf: never)."""
@@ -319,7 +366,7 @@ class PredictivePolicy(Policy):
 
     def key(self, slot) -> tuple:
         layer, expert = slot.key
-        due = self.hints.get(layer, {}).get(expert)
+        due = self.hints.get(layer, _NO_HINTS).get(expert)
         if due is not None:     # on equal distances an unhinted expert goes first
             return (-(due - self.clock), 1, slot.last_use)
         if slot.last_use == 0:  # demoted (a prefetch the router disagreed with): first
@@ -335,7 +382,7 @@ class PredictivePolicy(Policy):
     # -- candidates
     def add(self, slot) -> None:
         layer, expert = slot.key
-        due = self.hints.get(layer, {}).get(expert)
+        due = self.hints.get(layer, _NO_HINTS).get(expert)
         if due is not None:
             slot.pq_group = self._hinted
             self._hinted.push((-due, slot.last_use), slot)
@@ -414,11 +461,7 @@ class PredictivePolicy(Policy):
             self._used[key] = self._used.get(key, 0) + 1
             last = self._last_run.get(key)
             if last is not None and run > last:
-                hist = self._reuse.get(layer)
-                if hist is None:
-                    hist = self._reuse[layer] = [0] * (_REUSE_CAP + 2)
-                hist[min(run - last, _REUSE_CAP + 1)] += 1
-                self._tail[layer] = None
+                self._add_reuse(layer, run - last)
             self._last_run[key] = run
 
     def on_enter_layer(self, layer: int, clock: int, lookup) -> None:

@@ -47,6 +47,7 @@ class SlotPool:
         self.buf: torch.Tensor | None = None
         self._views: dict = {}        # layout -> [mapping or None per slot]
         self._stacked: dict = {}      # layout -> {name: [S, *shape] view}
+        self._stacked_rows: dict = {}  # layout -> {name: per-slot views of it}
         self._tables: dict = {}       # (layout, transposed flags) -> Triton SlotTables
         cuda = device.type == "cuda"
         self.table = torch.full((len(self.layers), self.max_experts), -1, dtype=torch.int64,
@@ -82,6 +83,14 @@ class SlotPool:
                 flat = pool[:, off:off + width].view(dtype)[:, :n]
                 out[name] = flat.reshape(self.num_slots, *shape) if n else flat.view(self.num_slots, *shape)
             self._stacked[layout] = out
+        return out
+
+    def stacked_rows(self, layer: int) -> dict[str, tuple]:
+        """``{name: (slot 0's view, slot 1's, ...)}`` of :meth:`stacked` (made once per layout)."""
+        layout = self.layouts[layer]
+        out = self._stacked_rows.get(layout)
+        if out is None:
+            out = self._stacked_rows[layout] = {n: t.unbind(0) for n, t in self.stacked(layer).items()}
         return out
 
     def views(self, index: int, layer: int):

@@ -142,6 +142,18 @@ class RuntimeStats:
                     if name in per:
                         per[name] += n
 
+    def add_each(self, per_layer: dict[int, dict[str, int]]) -> None:
+        """:meth:`add` of ``counts`` for each ``layer: counts`` of ``per_layer``, under one lock."""
+        with self._lock:
+            for layer, counts in per_layer.items():
+                per = self.per_layer.get(layer)
+                if per is None:
+                    per = self.per_layer[layer] = dict.fromkeys(_LAYER_COUNTERS, 0)
+                for name, n in counts.items():
+                    setattr(self, name, getattr(self, name) + n)
+                    if name in per:
+                        per[name] += n
+
     def set_cache_bytes(self, current: int) -> None:
         with self._lock:
             self.current_cache_bytes = current

@@ -45,10 +45,10 @@ def test_host_route_refuses_ids_out_of_range(t, k, bad, seed):
 
 @FAST
 @given(num_experts=st.integers(2, 40), n=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       seed=st.integers(0, 2**16))
-def test_read_many_writes_what_read_into_writes(num_experts, n, dtype, seed):
-    """Both paths (few experts: one copy each; many: one gather + scatter) against read_into;
-    the slots not named stay as they were."""
+       seed=st.integers(0, 2**16), row_views=st.booleans())
+def test_read_many_writes_what_read_into_writes(num_experts, n, dtype, seed, row_views):
+    """Both paths (few experts: one copy each; many: one gather + scatter), with and without
+    the pool's per-row views, against read_into; the slots not named stay as they were."""
     g = torch.Generator().manual_seed(seed)
     n = min(n, num_experts)
     layers = {0: {"up": torch.randn(num_experts, 6, 4, generator=g).to(dtype),
@@ -60,7 +60,7 @@ def test_read_many_writes_what_read_into_writes(num_experts, n, dtype, seed):
     before = pool.buf.clone()
     experts = torch.randperm(num_experts, generator=g)[:n].tolist()
     rows = torch.randperm(slots, generator=g)[:n].tolist()
-    store.read_many(0, experts, pool.stacked(0), rows)
+    store.read_many(0, experts, pool.stacked(0), rows, pool.stacked_rows(0) if row_views else None)
     for e, r in zip(experts, rows):
         want = {name: torch.empty_like(t) for name, t in pool.views(r, 0).items()}
         store.read_into(0, e, want)
