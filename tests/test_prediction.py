@@ -74,3 +74,22 @@ def test_deliberately_wrong_predictor_same_tokens_more_loads():
     assert same_good and same_bad
     assert bad["misses"] > good["misses"]
     assert bad["predictor_recall"] < good["predictor_recall"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "olmoe"])
+def test_every_moe_layer_gets_a_lookahead_router(family):
+    """The lookahead's router chain is found for every MoE layer of these families - DeepSeek-V3
+    included, whose router reads ``weight.type(torch.float32)`` (parameter-only preprocessing
+    joins the chain) - and prediction stays exact while it prefetches."""
+    torch._dynamo.reset()
+    model = build_tiny_model(family, seed=2)
+    x = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref = model.generate(x, max_new_tokens=6, do_sample=False)
+    model.compile(backend="expertflow", options={"expert_budget": "50%", "predictor": "lookahead"})
+    assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False), ref)
+    (engine,) = engines_for_module(model)
+    assert set(engine.routers) == set(engine.layers)
+    assert ef.stats(model)["prefetch_issued"] > 0

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from .fx_utils import ancestors, descendants, extract_subgraph, input_nodes_of, is_op, tensor_meta
 from .match import MoEBlock
+from .region import _is_param
 
 __all__ = ["LookaheadSource", "plan_lookahead"]
 
@@ -53,6 +54,23 @@ def _residual_add(x: fx.Node) -> fx.Node | None:
     return None
 
 
+def _weight_prep(chain: set, add: fx.Node) -> set:
+    """The nodes outside ``chain`` that feed it and compute from module parameters alone
+    (DeepSeek-V3's router reads ``weight.type(torch.float32)``): they join the chain, so the
+    router chain stays a function of the residual and parameters."""
+    out: set = set()
+    for n in input_nodes_of(chain):
+        if n is add or n.op != "call_method" and n.op != "call_function":
+            continue
+        up = ancestors([n]) | {n}
+        leaves = [a for a in up if a.op == "placeholder"]
+        inner = [a for a in up if a.op != "placeholder"]
+        if leaves and all(_is_param(a) for a in leaves) and all(a.op in ("call_method", "call_function")
+                                                               for a in inner):
+            out |= set(inner)
+    return out
+
+
 def _plan_one(block: MoEBlock) -> LookaheadSource | None:
     router = block.router
     if router is None or not router.args or not isinstance(router.args[0], fx.Node):
@@ -68,6 +86,7 @@ def _plan_one(block: MoEBlock) -> LookaheadSource | None:
     else:
         return None
     chain = (ancestors([router]) & descendants([add])) | {router}
+    chain |= _weight_prep(chain, add)
     ext = input_nodes_of(chain)
     params = [n for n in ext if n.op == "placeholder" and tensor_meta(n) is not None]
     bad = [n for n in ext if n is not add and n not in params]
