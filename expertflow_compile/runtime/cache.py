@@ -411,8 +411,7 @@ class ExpertCache:
         issued = []
         cands = req
         with self._lock:
-            pos, last = self._layer_pos[layer], self._layer_pos.get(self._last_layer)
-            dist = pos if last is None else (pos - last) % len(self._layer_pos)
+            dist = self._layer_distance(layer)
             if self.policy == "predictive":
                 due = [self.strategy.hints.get(layer, {}).get(e) for e in req]
                 self.strategy.hint(layer, req, dist, self._table.get)
@@ -473,8 +472,7 @@ class ExpertCache:
         self._check_keys(layer, req)
         with self._lock:
             if distance is None:
-                pos, last = self._layer_pos[layer], self._layer_pos.get(self._last_layer)
-                distance = pos if last is None else (pos - last) % len(self._layer_pos)
+                distance = self._layer_distance(layer)
             if complete:
                 self.strategy.hint(layer, req, max(int(distance), 0), self._table.get, complete=True)
             else:
@@ -740,6 +738,12 @@ class ExpertCache:
         if experts and (min(experts) < 0 or max(experts) >= n):
             bad = next(e for e in experts if not 0 <= e < n)
             raise IndexError(f"expert {bad} out of range for layer {layer} ({n} experts)")
+
+    def _layer_distance(self, layer: int) -> int:
+        """MoE layer moves from the current layer to ``layer`` in the store's order, wrapping
+        around (lock held)."""
+        pos, last = self._layer_pos[layer], self._layer_pos.get(self._last_layer)
+        return pos if last is None else (pos - last) % len(self._layer_pos)
 
     def _settle(self, slot: _Slot) -> None:
         """Make the slot's candidacy match its state."""
@@ -1115,12 +1119,7 @@ class ExpertCache:
         del self._table[key]
         self._ready[layer].discard(key[1])
         self.pool.clear(layer, key[1])
-        acc = self._evicted.get(layer)
-        if acc is None:
-            acc = self._evicted[layer] = [0, 0, 0]
-        acc[0] += 1
-        if victim.prefetched:
-            acc[1] += 1
+        self._count_eviction(layer, wasted=int(victim.prefetched))
         victim.key = None
         victim.state = _FREE
         victim.prefetched = victim.demand = False

@@ -56,14 +56,18 @@ log = logging.getLogger("expertflow_compile")
 
 
 def _spans(offsets: torch.Tensor, num_pairs: int, layer: int, num_experts: int):
-    """``(active experts, offs)`` from the permute op's offsets: the one host transfer."""
+    """``(active experts, their row spans)`` from the permute op's offsets: the one host transfer."""
     offs = offsets.tolist()
     if offs[-1] != num_pairs:
         raise RuntimeError(f"expertflow: MoE layer {layer} got expert ids outside [0, {num_experts}) "
                            f"({num_pairs - offs[-1]} of {num_pairs} (token, k) pairs); refusing "
                            "to drop them silently")
-    nxt = offs[1:]
-    return [e for e, (a, b) in enumerate(zip(offs, nxt)) if b > a], offs
+    active, spans = [], []
+    for e, (a, b) in enumerate(zip(offs, offs[1:])):
+        if b > a:
+            active.append(e)
+            spans.append((a, b))
+    return active, spans
 
 
 _HOST_ROUTE_MAX = 1024   # (token, k) pairs up to which routing is grouped on the host (routed_experts)
@@ -306,8 +310,7 @@ class ExpertEngine:
                      up_list=None, down_list=None):
         """The ``grouped_gemm`` op: routing already permuted (``order``/``offsets`` of ``permute``)."""
         layer, plan, w = self._layer_weights(layer, w_up, w_down, b_up, b_down, w_up2, up_list, down_list)
-        active, offs = _spans(offsets, order.numel(), layer, plan.num_experts)
-        spans = [(offs[e], offs[e + 1]) for e in active]
+        active, spans = _spans(offsets, order.numel(), layer, plan.num_experts)
         return self._experts(plan, hidden, topk_weights, order, offsets, active, spans, None, w,
                              up_list is not None or down_list is not None)
 
@@ -322,8 +325,7 @@ class ExpertEngine:
         if topk_ids.numel() > _HOST_ROUTE_MAX or (self.config.kernels != "torch" and (
                 hidden.is_cuda or self.config.kernels == "triton")):
             order, offsets = permute_math(topk_ids, plan.num_experts)
-            active, offs = _spans(offsets, order.numel(), layer, plan.num_experts)
-            spans = [(offs[e], offs[e + 1]) for e in active]
+            active, spans = _spans(offsets, order.numel(), layer, plan.num_experts)
             return self._experts(plan, hidden, topk_weights, order, offsets, active, spans, None, w, lists)
         active, spans, pairs = _host_route(topk_ids, layer, plan.num_experts)
         return self._experts(plan, hidden, topk_weights, None, None, active, spans, (pairs, topk_ids), w, lists)

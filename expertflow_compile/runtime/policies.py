@@ -511,12 +511,16 @@ class PredictivePolicy(Policy):
                 row[2] += hit
                 row[3] += 1
 
+    def _row(self, layer: int, position: int):
+        """``[hits, seen, right loads, loads]`` of ``layer``'s list ``position`` (zeros if unseen)."""
+        pos = self._position.get(layer)
+        return pos[position] if pos is not None and position < len(pos) else (0, 0, 0, 0)
+
     def precision(self, layer: int, position: int) -> float:
         """Measured share of ``layer``'s candidate lists whose expert at ``position`` the
         router chose; ``(hits + 1) / (seen + 1)``: 1 before anything is seen (optimistic, so
         prefetching starts and is measured)."""
-        pos = self._position.get(layer)
-        row = pos[position] if pos is not None and position < len(pos) else (0, 0, 0, 0)
+        row = self._row(layer, position)
         return (row[0] + 1) / (row[1] + 1)
 
     def load_precision(self, layer: int, position: int) -> float:
@@ -524,8 +528,7 @@ class PredictivePolicy(Policy):
         ``position`` that the router then chose, ``(right + 1) / (loads + 1)``. A candidate
         that waited for the router (no slot it may take before the call) and was dropped costs
         no load and does not count."""
-        pos = self._position.get(layer)
-        row = pos[position] if pos is not None and position < len(pos) else (0, 0, 0, 0)
+        row = self._row(layer, position)
         return (row[2] + 1) / (row[3] + 1)
 
     def precise(self, layer: int, experts, threshold: float) -> list[int]:
