@@ -79,11 +79,12 @@ def test_deliberately_wrong_predictor_same_tokens_more_loads():
 import pytest  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "olmoe", "gpt_oss"])
 def test_every_moe_layer_gets_a_lookahead_router(family):
     """The lookahead's router chain is found for every MoE layer of these families - DeepSeek-V3
     included, whose router reads ``weight.type(torch.float32)`` (parameter-only preprocessing
-    joins the chain) - and prediction stays exact while it prefetches."""
+    joins the chain) - and prediction stays exact while it prefetches. Every layer but
+    GPT-OSS's (a router bias) gets the ranking router, which names the chain's top-k."""
     torch._dynamo.reset()
     model = build_tiny_model(family, seed=2)
     x = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
@@ -93,3 +94,11 @@ def test_every_moe_layer_gets_a_lookahead_router(family):
     (engine,) = engines_for_module(model)
     assert set(engine.routers) == set(engine.layers)
     assert ef.stats(model)["prefetch_issued"] > 0
+    assert set(engine.rankers) == (set() if family == "gpt_oss" else set(engine.layers))
+    for layer, ranker in engine.rankers.items():
+        fn, params = engine.routers[layer]
+        h = torch.randn(64, 1, ranker.hidden, generator=torch.Generator().manual_seed(layer))
+        with torch.no_grad():
+            full, fast = fn(h, *params).reshape(64, -1), ranker(h)
+        k = engine.layers[layer].top_k
+        assert (full.topk(k).indices == fast.topk(k).indices).all(-1).float().mean() > 0.95

@@ -167,7 +167,8 @@ def _bind(state: GraphState) -> int:
 def _lookahead(state: GraphState) -> int:
     state.lookahead = plan_lookahead(state.bound)
     for layer, source in state.lookahead.items():
-        state.engine.register_router(layer, source.fn, [state.values.get(p) for p in source.params])
+        state.engine.register_router(layer, source.fn, [state.values.get(p) for p in source.params],
+                                     ranking=source.ranking)
     return len(state.lookahead)
 
 

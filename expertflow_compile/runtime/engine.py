@@ -30,6 +30,7 @@ from ..config import ExpertFlowConfig
 from ..kernels.reference import combine_topk, combine_topk_inverse, expert_forward, permute_math, prescale_rows
 from ..layer import ExpertList, LayerPlan
 from .prediction import LAYER_SHIFT, LookaheadPredictor, ModelView, cap, decode, encode, make_predictor
+from .prediction.lookahead import RankingRouter
 from .layer_math import layer_forward
 from .registry import (  # noqa: F401 - the registry's names stay importable from here
     _ATTR,
@@ -120,6 +121,7 @@ class ExpertEngine:
         self.graph_reports: list = []
         self._layer_tensors: dict[int, dict[str, torch.Tensor]] = {}
         self.routers: dict[int, tuple] = {}
+        self.rankers: dict[int, object] = {}      # layer -> RankingRouter (the routers' order, fewer ops)
         self._kinds: dict = {}
         # recorder(kind, layer, *tensors): kind "route" -> (ids [T, K], weights [T, K]) at each
         # grouped_gemm; kind "lookahead" -> (router logits [T, E] of `layer` applied to the
@@ -151,14 +153,22 @@ class ExpertEngine:
                 if x is not None:
                     setattr(x, _ATTR, self)   # the model owns its engine (and so its cache thread)
 
-    def register_router(self, layer: int, fn, params: list[torch.Tensor]) -> None:
+    def register_router(self, layer: int, fn, params: list[torch.Tensor], ranking=None) -> None:
         """Layer ``layer``'s router chain, ``fn(h, *params) -> logits``, applicable to the
         residual stream before its attention (used by the lookahead predictor). A module's
         ``forward`` is kept (called per layer call: the module call machinery costs more than
-        a decode step's router)."""
+        a decode step's router). ``ranking``: the chain's ranking form (``weight``, ``scale``,
+        ``hidden``: compiler/passes/router_rank.py), from which a
+        :class:`~.prediction.lookahead.RankingRouter` ranks the experts in its place."""
         if isinstance(fn, torch.nn.Module) and not (fn._forward_hooks or fn._forward_pre_hooks):
             fn = fn.forward
         self.routers[layer] = (fn, params)
+        ranker = None if ranking is None else RankingRouter.build(params, ranking.weight, ranking.scale,
+                                                                  ranking.hidden)
+        if ranker is None:
+            self.rankers.pop(layer, None)
+        else:
+            self.rankers[layer] = ranker
         self._view = None
 
     def view(self) -> ModelView:
@@ -169,7 +179,8 @@ class ExpertEngine:
             v = self._view = ModelView(
                 order=order, num_experts={l: self.layers[l].num_experts for l in order},
                 top_k={l: self.layers[l].top_k for l in order}, depth=self.config.lookahead_depth,
-                extra=self.config.prefetch_extra, routers=dict(self.routers))
+                extra=self.config.prefetch_extra, routers=dict(self.routers),
+                rankers=dict(self.rankers))
         return v
 
     # ----- prediction ---------------------------------------------------------------

@@ -8,7 +8,8 @@ speculative gating; FACTS.md measured 86% recall with 2 candidates on a trained 
 95% with 3).
 
 ``plan_lookahead(blocks) -> {layer: LookaheadSource}`` finds, per block, the residual
-node ``r`` and extracts the router chain as a small GraphModule ``fn(h, *params)``.
+node ``r`` and extracts the router chain as a small GraphModule ``fn(h, *params)``, with
+its ranking form where it has one (:mod:`.router_rank`: fewer ops, the same order).
 Blocks whose router input is not a norm of one residual add are simply left out (the
 predict op then sits at the block's own hidden state).
 """
@@ -22,6 +23,7 @@ import torch.fx as fx
 from .fx_utils import ancestors, descendants, extract_subgraph, input_nodes_of, is_op, tensor_meta
 from .match import MoEBlock
 from .region import _is_param
+from .router_rank import RankingForm, ranking_form
 
 __all__ = ["LookaheadSource", "plan_lookahead"]
 
@@ -34,6 +36,7 @@ class LookaheadSource:
     source: fx.Node              # the residual stream before this layer's attention
     fn: fx.GraphModule           # fn(h, *params) -> router logits [tokens, E]
     params: list[fx.Node]        # placeholders the router chain reads (norm weight, router weight)
+    ranking: RankingForm | None = None   # the chain's ranking form (.router_rank), None: use fn
 
 
 def _tensor_inputs(n: fx.Node) -> list[fx.Node]:
@@ -96,7 +99,7 @@ def _plan_one(block: MoEBlock) -> LookaheadSource | None:
     if r_val is None or add_val is None or tuple(r_val.shape) != tuple(add_val.shape):
         return None
     fn = extract_subgraph(chain, [add] + params, router)
-    return LookaheadSource(block.layer, residual, fn, params)
+    return LookaheadSource(block.layer, residual, fn, params, ranking_form(fn))
 
 
 def plan_lookahead(blocks: list[MoEBlock]) -> dict[int, LookaheadSource]:

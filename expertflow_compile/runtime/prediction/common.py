@@ -43,6 +43,7 @@ class ModelView:
     depth: int = 1                            # layers l .. l + depth - 1 are predicted at layer l
     extra: int = 0                            # candidates beyond top-k per token
     routers: dict = field(default_factory=dict, compare=False)   # layer -> (fn(h, *params) -> logits, params)
+    rankers: dict = field(default_factory=dict, compare=False)   # layer -> fn(h) -> logits in the router's order
     _pos: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -70,6 +71,10 @@ def ranked_votes(top: torch.Tensor, num_experts: int | None = None) -> tuple[lis
     n = flat.numel()
     if n == 0:
         return [], []
+    if top.dim() == 2 and top.shape[0] == 1:   # one token: its own list, in its order
+        experts = flat.tolist()
+        if len(set(experts)) == n:
+            return experts, [1] * n
     if n <= _SMALL:
         counts: dict[int, int] = {}
         for e in flat.tolist():
