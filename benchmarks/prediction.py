@@ -6,8 +6,10 @@
 2. Record the routing of the HELD-OUT text (expertflow_compile/assets/heldout.txt).
 3. On the held-out trace: per-layer precision / recall of the lookahead and path
    predictors, and a cache replay (the real ExpertCache policy code, slots shared by all
-   layers) of LRU, LFU, predictive+lookahead, predictive+path, predictive+oracle and
-   Belady's MIN at 12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8, side by
+   layers) of LRU, LFU, the predictive policy alone, predictive+lookahead, predictive+path,
+   predictive+oracle, the next-call ceiling (the predictive policy told each layer's true next
+   call: what a perfect next-token routing predictor could give it) and Belady's MIN at
+   12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8, side by
    side: loads / MIN, ready rate, resident rate, loads per token (definitions:
    expertflow_compile/runtime/stats.py). The live engine's rule: at a layer's prediction the
    cache enters the layer, hints every candidate, and loads those at list positions whose
@@ -200,8 +202,10 @@ def _plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "lookahead"): "pred+lookahead",
-              ("predictive", "path"): "pred+path", ("predictive", "oracle"): "pred+oracle", ("min", "none"): "MIN"}
+    labels = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "none"): "pred alone",
+              ("predictive", "lookahead"): "pred+lookahead", ("predictive", "path"): "pred+path",
+              ("predictive", "oracle"): "pred+oracle", ("predictive", "next-call"): "next-call (ceiling)",
+              ("min", "none"): "MIN"}
     batches = sorted({r["batch"] for r in result["replay"]})
     fig, axes = plt.subplots(2, len(batches) + 1, figsize=(5 * (len(batches) + 1), 8))
     for j, b in enumerate(batches):
