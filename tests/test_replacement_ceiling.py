@@ -2,9 +2,10 @@
 
 ``next-call`` tells the predictive policy each layer's true next call as a complete
 prediction once the layer's call ends, and never prefetches: what a perfect next-token
-routing predictor could give the replacement. It is a real run of the cache, so it can
-never beat Belady's MIN; it must use what it is told (fewer loads than the policy alone on
-routing with locality); its figures must add up as every replay's do.
+routing predictor could give the replacement; ``rest-of-pass`` tells it, at each step's
+first layer call, the step's later calls. Both are real runs of the cache, so they can
+never beat Belady's MIN; they must use what they are told (fewer loads than the policy
+alone on routing with locality); their figures must add up as every replay's do.
 """
 
 import dataclasses
@@ -50,28 +51,30 @@ def test_next_call_is_a_real_run_that_never_beats_min(layers, experts, k, batch,
     calls = layer_calls(tr, batch)
     slots = max(k, min(layers * experts, int(round(share * layers * experts))))
     mn = belady_min(calls, slots)
-    r = replay(tr, calls, slots, "predictive", "next-call")
-    assert r.loads >= mn.loads and r.min_loads == mn.loads and r.uses == mn.uses
-    assert r.prefetch_loads == 0 and r.wasted_loads == 0 and r.ready == r.resident     # it never prefetches
-    assert r.loads == r.demand_loads == r.uses - r.resident
-    if slots >= layers * experts:            # everything fits: only first uses load
-        assert r.loads == len({(c.layer, e) for c in calls for e in c.active})
-    # other policies ignore hints: LRU told the next calls is LRU
-    assert replay(tr, calls, slots, "lru", "next-call").loads == replay(tr, calls, slots, "lru").loads
+    for ceiling in ("next-call", "rest-of-pass"):
+        r = replay(tr, calls, slots, "predictive", ceiling)
+        assert r.loads >= mn.loads and r.min_loads == mn.loads and r.uses == mn.uses
+        assert r.prefetch_loads == 0 and r.wasted_loads == 0 and r.ready == r.resident     # it never prefetches
+        assert r.loads == r.demand_loads == r.uses - r.resident
+        if slots >= layers * experts:            # everything fits: only first uses load
+            assert r.loads == len({(c.layer, e) for c in calls for e in c.active})
+        # other policies ignore hints: LRU told the future is LRU
+        assert replay(tr, calls, slots, "lru", ceiling).loads == replay(tr, calls, slots, "lru").loads
 
 
 def test_next_call_uses_what_it_is_told():
     """On skewed routing at batch 1 and a tight budget, knowing each layer's next call saves
     loads over the policy alone (summed over seeded traces: equal totals mean the hints were
     ignored)."""
-    told = alone = 0
+    told = rest = alone = 0
     for seed in range(12):
         tr = _trace(4, 8, 2, [40, 40], seed)
         calls = layer_calls(tr, 1)
         slots = 8
         told += replay(tr, calls, slots, "predictive", "next-call").loads
+        rest += replay(tr, calls, slots, "predictive", "rest-of-pass").loads
         alone += replay(tr, calls, slots, "predictive").loads
-    assert told < alone
+    assert told < alone and rest < alone
 
 
 def test_overlap_bound_is_compute_time_over_link_time():

@@ -41,9 +41,10 @@ prediction (``set_predicted(complete=True)``: its other experts go first), and n
 further ahead; no prefetch. At batch 1 that is perfect knowledge of the next token's routing,
 layer by layer, as early as a layer's own call; a real next-token predictor gets at most this
 from the policy (the remaining gap to MIN needs routing further ahead than one token). Knowing
-the rest of the CURRENT token's routing instead (the path predictor's all-layer candidates at
-the first layer) moves batch-1 loads by under 1% on both shipped models: the victims that
-matter are experts whose next use is a later token.
+the rest of the CURRENT token's routing instead (``"rest-of-pass"``: at each step's first
+layer call, every later layer's true experts of that step are hinted, which is what the path
+predictor's all-layer candidates approximate) moves batch-1 loads by under 1% on both shipped
+models: the victims that matter are experts whose next use is a later token.
 """
 
 from __future__ import annotations
@@ -291,6 +292,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     = true next-use distance of every cached expert, no prefetch: exactly MIN's loads);
     ``"next-call"`` (each call's layer is told its true next call when the call ends, as a
     complete prediction, no prefetch: the ceiling of next-token prediction, module docstring);
+    ``"rest-of-pass"`` (each step's first layer call hints the step's later calls' true
+    experts, no prefetch);
     ``"oracle"`` (the same true hints, and each call prefetches its true experts: an
     optimal policy given the future); or a name whose prefetches are ``predictions`` (from
     :func:`call_predictions`) or computed from ``candidates`` and ``issue``. Only
@@ -329,6 +332,12 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
             if oracle:
                 cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
+            if predictor == "rest-of-pass" and (i == 0 or calls[i - 1].step != c.step):
+                cache.enter_layer(c.layer)
+                for j in range(i + 1, len(calls)):
+                    if calls[j].step != c.step:
+                        break
+                    cache.set_predicted(calls[j].layer, calls[j].active, j - i)
             if told is not None:                 # (set once the layer is left: leaving drops its hints)
                 cache.enter_layer(c.layer)
                 cache.set_predicted(told[0], told[1], told[2] - i, complete=True)
