@@ -84,6 +84,10 @@ def test_overlap_bound_is_compute_time_over_link_time():
     expected = shape.num_layers * per_layer / (shape.expert_bytes / (prof.link_GBps * 1e9))
     assert math.isclose(overlap_bound(shape, prof), expected, rel_tol=1e-9)
     assert math.isclose(overlap_bound(shape, prof, tokens=3), 3 * expected, rel_tol=1e-9)
+    # leading dense layers are compute the link can overlap too (DeepSeek-V3: 3 of them)
+    ds = SHAPES["deepseek-v3"]
+    no_dense = dataclasses.replace(ds, dense_layers=0)
+    assert overlap_bound(ds, prof) > overlap_bound(no_dense, prof)
     # twice the link moves twice the experts in the same compute time
     fast = dataclasses.replace(prof, link_GBps=2 * prof.link_GBps)
     assert math.isclose(overlap_bound(shape, fast), 2 * expected, rel_tol=1e-9)

@@ -281,14 +281,16 @@ def prefetch_width(shape: ModelShape, profile: HardwareProfile) -> int:
 
 
 def overlap_bound(shape: ModelShape, profile: HardwareProfile, tokens: int = 1) -> float:
-    """Experts per token the link can move while the device computes one token (every layer's
-    attention and its top-k experts at memory bandwidth, plus the overhead): the most loads
-    per token that prefetching, at ANY depth, could take off the critical path. Where it is
-    far below the loads per token, the link is the bottleneck and only fewer loads speed up
-    decode."""
+    """Experts the link can move while the device computes ``tokens`` tokens (the cost model's
+    compute: every MoE layer's attention, overhead and top-k experts, and the leading dense
+    layers, at memory bandwidth): the most loads per token that prefetching, at ANY depth,
+    could take off the critical path. Where it is far below the loads per token, the link is
+    the bottleneck and only fewer loads speed up decode."""
     bw_mem = profile.mem_GBps * 1e9
     attn_s = shape.layer_dense_bytes() / bw_mem + profile.layer_overhead_us * 1e-6
-    per_token_s = shape.num_layers * (attn_s + shape.top_k * shape.expert_bytes / bw_mem)
+    dense_s = shape.dense_layers * (shape.layer_dense_bytes()
+                                    + 3 * shape.hidden * shape.dense_intermediate * shape.bytes_per_param) / bw_mem
+    per_token_s = shape.num_layers * (attn_s + shape.top_k * shape.expert_bytes / bw_mem) + dense_s
     return tokens * per_token_s * profile.link_GBps * 1e9 / shape.expert_bytes
 
 
