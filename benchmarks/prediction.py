@@ -6,8 +6,10 @@
 2. Record the routing of the HELD-OUT text (expertflow_compile/assets/heldout.txt).
 3. On the held-out trace: per-layer precision / recall of the lookahead and path
    predictors, and a cache replay (the real ExpertCache policy code, slots shared by all
-   layers) of LRU, LFU, predictive+lookahead, predictive+path, predictive+oracle and
-   Belady's MIN at 12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8, side by
+   layers) of LRU, LFU, the predictive policy alone, predictive+lookahead, predictive+path,
+   predictive+oracle, the next-call ceiling (the predictive policy told each layer's true next
+   call: what a perfect next-token routing predictor could give it) and Belady's MIN at
+   12.5% / 25% / 50% of all experts, decode (batch 1) and batch 8, side by
    side: loads / MIN, ready rate, resident rate, loads per token (definitions:
    expertflow_compile/runtime/stats.py). The live engine's rule: at a layer's prediction the
    cache enters the layer, hints every candidate, and loads those at list positions whose
@@ -27,6 +29,12 @@ load, and whether MIN had it resident; wasted prefetches; experts a prefetch evi
 loaded again), per token (``tools.replay.explain_loads``); written to
 benchmarks/results/prediction_explain[_MODEL].json.
 
+``--ceilings``: instead of steps 3-4, what knowledge of the future is worth to replacement
+(no prefetch, batch 1 and 8, 12.5/25/50%): LRU, the predictive policy alone, told the rest of
+the current token's routing (``rest-of-pass``), told each layer's true next call
+(``next-call``: a perfect next-token routing predictor) and MIN; written to
+benchmarks/results/prediction_ceilings[_MODEL].json.
+
 Writes benchmarks/results/prediction[_MODEL].json and .png per model. Intermediate files
 (traces, predictor) go to --work (reused when present). --no-path skips training the path
 predictor. ``--model all`` (the default) runs both shipped models in one run.
@@ -34,7 +42,7 @@ predictor. ``--model all`` (the default) runs both shipped models in one run.
     python benchmarks/prediction.py [--model all|tiny_mixtral|tiny_qwen2_moe] [--work DIR] [--train-tokens 102400]
                                     [--max-tokens 8192] [--no-path] [--min-precision 0.95|none]
                                     [--min-confidence 0.0]
-                                    [--explain [--explain-budget 0.25] [--explain-batch 1]]
+                                    [--explain [--explain-budget 0.25] [--explain-batch 1]] [--ceilings]
 """
 
 from __future__ import annotations
@@ -72,13 +80,14 @@ def main(argv=None) -> int:
     ap.add_argument("--explain", action="store_true", help="classify where the loads go (one budget and batch)")
     ap.add_argument("--explain-budget", type=float, default=0.25)
     ap.add_argument("--explain-batch", type=int, default=1)
+    ap.add_argument("--ceilings", action="store_true", help="what knowledge of the future is worth to replacement")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = list(SHIPPED_MODELS) if args.model == "all" else [args.model]
     if args.work is not None and len(models) > 1:
         ap.error("--work names one model's folder: give --model too")
     grids = [(name, run_model(name, args)) for name in models]
-    if args.explain:
+    if args.explain or args.ceilings:
         return 0
     print()
     for name, result in grids:
@@ -124,6 +133,8 @@ def run_model(name: str, args) -> dict:
     heldout = RoutingTrace.load(heldout_path, model=model)
     if args.explain:
         return explain(name, heldout, args, suffix)
+    if args.ceilings:
+        return ceilings(name, heldout, args, suffix)
     pred = None if args.no_path else PathPredictor.load(pred_path, model=model)
     result = evaluate(heldout, pred, model, max_tokens=args.max_tokens, min_confidence=args.min_confidence,
                       min_precision=args.min_precision)
@@ -194,14 +205,47 @@ def explain(name: str, trace, args, suffix: str) -> dict:
     return out
 
 
+def ceilings(name: str, trace, args, suffix: str) -> dict:
+    """Loads per token of replacement with more and more knowledge of the future (see the
+    module docstring), side by side with LRU and MIN; no prefetch anywhere."""
+    from expertflow_compile.tools.replay import layer_calls, replay, slots_for_share
+
+    runs = [("LRU", "lru", "none"), ("predictive alone", "predictive", "none"),
+            ("rest-of-pass", "predictive", "rest-of-pass"), ("next-call", "predictive", "next-call")]
+    out = {"model": name, "tokens": None, "rows": []}
+    print(f"== {name}: what knowledge of the future is worth to replacement (loads per token; x LRU; no prefetch)")
+    print(f"  {'batch':>5} {'budget':>7}" + "".join(f"{label:>22}" for label, _p, _q in runs) + f"{'MIN':>16}")
+    for batch in (1, 8):
+        calls = layer_calls(trace, batch, args.max_tokens)
+        for share in (0.125, 0.25, 0.5):
+            slots = slots_for_share(trace, share)
+            res = {label: replay(trace, calls, slots, policy, pred) for label, policy, pred in runs}
+            lru = res["LRU"]
+            tokens = lru.tokens
+            out["tokens"] = tokens
+            row = {"batch": batch, "budget": share, "slots": slots, "min_loads_per_token": lru.min_loads / tokens,
+                   **{label: r.loads_per_token for label, r in res.items()}}
+            out["rows"].append(row)
+            print(f"  {batch:>5} {100 * share:>6g}%" + "".join(
+                f"{r.loads_per_token:>14.2f} (x{r.loads / lru.loads:.2f})" for r in res.values())
+                + f"{lru.min_loads / tokens:>9.2f} (x{lru.min_loads / lru.loads:.2f})")
+    path = os.path.join(args.out, f"prediction_ceilings{suffix}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
+    return out
+
+
 def _plot(result: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "lookahead"): "pred+lookahead",
-              ("predictive", "path"): "pred+path", ("predictive", "oracle"): "pred+oracle", ("min", "none"): "MIN"}
+    labels = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "none"): "pred alone",
+              ("predictive", "lookahead"): "pred+lookahead", ("predictive", "path"): "pred+path",
+              ("predictive", "oracle"): "pred+oracle", ("predictive", "next-call"): "next-call (ceiling)",
+              ("min", "none"): "MIN"}
     batches = sorted({r["batch"] for r in result["replay"]})
     fig, axes = plt.subplots(2, len(batches) + 1, figsize=(5 * (len(batches) + 1), 8))
     for j, b in enumerate(batches):

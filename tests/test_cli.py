@@ -98,7 +98,7 @@ def test_simulate_projects_every_budget(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "PROJECTION" in printed and "assumptions:" in printed
     rows = json.loads(out.read_text())["rows"]
-    assert [r["budget"] for r in rows] == ["100%"] + ["25%"] * 4 + ["50%"] * 4
+    assert [r["budget"] for r in rows] == ["100%"] + ["25%"] * 5 + ["50%"] * 5
     lru = {r["budget"]: r for r in rows if r["predictor"] == "lru"}
     bound = {r["budget"]: r for r in rows if r["predictor"] == "MIN (bound)"}
     assert lru["50%"]["tokens_per_s"] >= lru["25%"]["tokens_per_s"]   # more budget, never slower

@@ -4,7 +4,9 @@ makes of it, on a held-out routing trace.
 ``evaluate(trace, predictor, model)`` measures prediction quality (precision / recall of each
 predictor against the trace's true experts) and replays the trace through the cache
 (:mod:`~expertflow_compile.tools.replay`) at several budgets and batch sizes: LRU, LFU,
-predictive + lookahead / path / oracle, and Belady's MIN for the same slot count.
+the predictive policy alone (no predictor), predictive + lookahead / path / oracle, the
+next-call ceiling (the predictive policy told each layer's true next call: what a perfect
+next-token routing predictor could give it) and Belady's MIN for the same slot count.
 ``format_tables`` prints the result; ``acceptance`` / ``format_acceptance`` check it against
 issue 14's targets (oracle within 2% of MIN with ready rate >= 0.99; real predictors within
 1.3x MIN with ready rate >= 0.90 and never more loads than LRU). ``text_batches`` and
@@ -120,10 +122,11 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
         calls = layer_calls(trace, b, max_tokens)
         preds = {name: call_predictions(trace, calls, cands, precision=precision[name]) for name, cands in sources.items()}
         preds["oracle"] = None                 # replay's oracle: the true experts and true next uses
+        preds["next-call"] = None              # replay's ceiling: each layer's true next call, no prefetch
         for share in budgets:
             jobs.append((b, share, calls, preds))
-    runs = [("lru", "none"), ("lfu", "none"), ("predictive", "lookahead"), ("predictive", "path"),
-            ("predictive", "oracle")]
+    runs = [("lru", "none"), ("lfu", "none"), ("predictive", "none"), ("predictive", "lookahead"),
+            ("predictive", "path"), ("predictive", "oracle"), ("predictive", "next-call")]
     bar = tqdm(total=len(jobs) * (len(runs) + 1), desc="cache replay", unit="run", disable=not progress)
     for b, share, calls, preds in jobs:
         slots = slots_for_share(trace, share)
@@ -131,7 +134,7 @@ def evaluate(trace, predictor=None, model=None, *, budgets=(0.125, 0.25, 0.5), b
         for policy, pred in runs:
             if pred != "none" and pred not in preds:
                 continue
-            gate = {} if pred in ("none", "oracle") else {"min_precision": min_precision,
+            gate = {} if pred in ("none", "oracle", "next-call") else {"min_precision": min_precision,
                                                            "enter_first": min_precision is not None}
             r = replay(trace, calls, slots, policy, pred, predictions=preds.get(pred), min_confidence=min_confidence,
                        **gate)
@@ -162,8 +165,9 @@ def format_tables(result: dict) -> str:
             lines.append(f"  {name:<9}  " + "  ".join(f"{p:.2f} / {r:.2f}" for p, r in zip(ps, rs))
                          + f"  {sum(ps) / len(ps):.2f} / {sum(rs) / len(rs):.2f}")
         lines.append("")
-    names = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "lookahead"): "predictive+lookahead",
-             ("predictive", "path"): "predictive+path", ("predictive", "oracle"): "predictive+oracle",
+    names = {("lru", "none"): "LRU", ("lfu", "none"): "LFU", ("predictive", "none"): "predictive (alone)",
+             ("predictive", "lookahead"): "predictive+lookahead", ("predictive", "path"): "predictive+path",
+             ("predictive", "oracle"): "predictive+oracle", ("predictive", "next-call"): "next-call (ceiling)",
              ("min", "none"): "MIN (Belady)"}
     rows = result["replay"]
     for b in sorted({r["batch"] for r in rows}):

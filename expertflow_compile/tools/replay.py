@@ -34,6 +34,17 @@ oracle used another order - so MIN is the optimum *of that order*). The ``"oracl
 predictive policy with every cached expert's true next-use distance as its hint and no
 prefetch: it makes exactly MIN's loads (tests check it); ``"oracle"`` adds the prefetch of
 every call's true experts by the rule above: MIN's loads, all of them ready.
+
+``"next-call"`` is a *ceiling for next-token prediction*, not a predictor one can build: as
+each layer call ends, the predictive policy is told that layer's true next call as a complete
+prediction (``set_predicted(complete=True)``: its other experts go first), and nothing
+further ahead; no prefetch. At batch 1 that is perfect knowledge of the next token's routing,
+layer by layer, as early as a layer's own call; a real next-token predictor gets at most this
+from the policy (the remaining gap to MIN needs routing further ahead than one token). Knowing
+the rest of the CURRENT token's routing instead (``"rest-of-pass"``: at each step's first
+layer call, every later layer's true experts of that step are hinted, which is what the path
+predictor's all-layer candidates approximate) moves batch-1 loads by under 1% on both shipped
+models: the victims that matter are experts whose next use is a later token.
 """
 
 from __future__ import annotations
@@ -279,6 +290,10 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
 
     ``predictor``: ``"none"`` (demand only); ``"oracle-distance"`` (predictive policy hints
     = true next-use distance of every cached expert, no prefetch: exactly MIN's loads);
+    ``"next-call"`` (each call's layer is told its true next call when the call ends, as a
+    complete prediction, no prefetch: the ceiling of next-token prediction, module docstring);
+    ``"rest-of-pass"`` (each step's first layer call hints the step's later calls' true
+    experts, no prefetch);
     ``"oracle"`` (the same true hints, and each call prefetches its true experts: an
     optimal policy given the future); or a name whose prefetches are ``predictions`` (from
     :func:`call_predictions`) or computed from ``candidates`` and ``issue``. Only
@@ -306,6 +321,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     if predictions is None and candidates is not None and predictor not in ("none", "oracle-distance"):
         predictions = call_predictions(trace, calls, candidates, issue)
     n_layers = len(trace.layers)
+    following = _following_calls(calls) if predictor == "next-call" else None
+    told = None                                  # next-call: (layer, its true next call's experts, that call's index)
     try:
         for i, c in enumerate(calls):
             if per_call is not None:
@@ -315,6 +332,16 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
             if oracle:
                 cache.enter_layer(c.layer)       # as the first acquire would: hints set below survive
                 _oracle_hints(cache, uses, i)
+            if predictor == "rest-of-pass" and (i == 0 or calls[i - 1].step != c.step):
+                cache.enter_layer(c.layer)
+                for j in range(i + 1, len(calls)):
+                    if calls[j].step != c.step:
+                        break
+                    cache.set_predicted(calls[j].layer, calls[j].active, j - i)
+            if told is not None:                 # (set once the layer is left: leaving drops its hints)
+                cache.enter_layer(c.layer)
+                cache.set_predicted(told[0], told[1], told[2] - i, complete=True)
+                told = None
             # the oracle takes MIN's order: the experts resident when the call began, then its misses
             # (landed prefetches included) furthest next use first
             resident_now = [e for e in c.active if cache.is_resident(c.layer, e)] if oracle else None
@@ -370,6 +397,8 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
                                 cache.set_predicted(c.layer, [e], nxt - i)
                 finally:
                     lease.release()
+            if following is not None and following[i] is not None:
+                told = (c.layer, calls[following[i]].active, following[i])
             if per_call is not None:
                 per_call.append((cache.stats.prefetch_loads - before[0], cache.stats.demand_loads - before[1]))
             if events is not None:
@@ -381,6 +410,18 @@ def replay(trace, calls: list[LayerCall], slots: int, policy: str, predictor: st
     return ReplayResult(policy if not oracle else "predictive", predictor, slots, s["uses"], s["resident"],
                         s["resident"] + s["arrived"], s["loads"], s["demand_loads"], s["prefetch_loads"],
                         s["wasted_loads"], tokens, min_loads(_as_pairs(calls), slots)[0])
+
+
+def _following_calls(calls: list[LayerCall]) -> list[int | None]:
+    """``out[i]``: index of the next call of ``calls[i]``'s layer (None: it has none)."""
+    out: list[int | None] = [None] * len(calls)
+    last: dict[int, int] = {}
+    for i, c in enumerate(calls):
+        j = last.get(c.layer)
+        if j is not None:
+            out[j] = i
+        last[c.layer] = i
+    return out
 
 
 def _own_harm(c: LayerCall, i: int, uses, n_layers: int) -> float:

@@ -25,7 +25,12 @@ kept, the target's own routing is not known. Lookahead candidates map the same w
 
 Figures (definitions: :mod:`~expertflow_compile.runtime.stats`): resident rate, ready
 rate, loads per token and loads / MIN (Belady's MIN on the same mapped calls and slots)
-for every run, and a ``MIN (bound)`` row pricing MIN's loads as demand loads.
+for every run, a ``next-call (ceiling)`` row (the predictive policy told each layer's true
+next call as the call ends, no prefetch: what a perfect next-token routing predictor could
+give the replacement; ``tools/replay.py``) and a ``MIN (bound)`` row pricing MIN's loads as
+demand loads. Where the link is the bottleneck, tokens/s follow loads: the ceiling row says
+how far better replacement can go without knowing routing beyond the next token, and
+:func:`overlap_bound` how many loads a prefetch of any depth could hide behind compute.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["HardwareProfile", "ModelShape", "PROFILES", "SHAPES", "shape_from_config", "map_trace", "simulate",
-           "trace_model_for", "assumptions"]
+           "trace_model_for", "assumptions", "overlap_bound", "prefetch_width"]
 
 FINE_GRAINED = 32          # targets with at least this many experts replay the fine-grained shipped model
 
@@ -195,7 +200,7 @@ def map_trace(trace, shape: ModelShape):
 
 
 def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[float],
-             predictors=("none", "predictive", "lookahead"), batch: int = 1, max_tokens: int | None = 256,
+             predictors=("none", "predictive", "lookahead", "next-call"), batch: int = 1, max_tokens: int | None = 256,
              progress: bool = True, min_confidence: float = 0.0, min_precision: float | None = 0.95) -> list[dict]:
     """Projected tokens/s and memory per (budget, predictor) for ``shape`` on ``profile``
     (a tqdm bar over the cache replays unless ``progress=False``)."""
@@ -236,6 +241,8 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                 res = replay(mapped, calls, slots, "lru", "none", per_call=per_call)
             elif pred == "predictive":    # the predictive policy's own estimates, no prefetch
                 res = replay(mapped, calls, slots, "predictive", "none", per_call=per_call)
+            elif pred == "next-call":     # the ceiling of next-token prediction (no prefetch)
+                res = replay(mapped, calls, slots, "predictive", "next-call", per_call=per_call)
             else:
                 if pred not in preds_of:   # the same predictions at every budget
                     cands = candidate_sets(mapped, pred, extra=per_extra(shape))
@@ -252,7 +259,8 @@ def simulate(trace, shape: ModelShape, profile: HardwareProfile, budgets: list[f
                 stall += wait
             t += dense_extra_s
             mem = (shape.dense_bytes + slots * eb) / 2**30
-            name = {"none": "lru", "min": "MIN (bound)", "predictive": "predictive"}.get(pred, f"predictive+{pred}")
+            name = {"none": "lru", "min": "MIN (bound)", "predictive": "predictive",
+                    "next-call": "next-call (ceiling)"}.get(pred, f"predictive+{pred}")
             rows.append({"budget": f"{100 * share:g}%", "predictor": name,
                          "tokens_per_s": tokens / t, "device_GiB": mem, "ready_rate": res.ready_rate,
                          "resident_rate": res.resident_rate, "loads_per_token": res.loads_per_token,
@@ -270,6 +278,20 @@ def prefetch_width(shape: ModelShape, profile: HardwareProfile) -> int:
     land in time and only adds transfers to a link-bound run (0: predictions are hints only)."""
     attn_s = shape.layer_dense_bytes() / (profile.mem_GBps * 1e9) + profile.layer_overhead_us * 1e-6
     return int(attn_s * profile.link_GBps * 1e9 // shape.expert_bytes)
+
+
+def overlap_bound(shape: ModelShape, profile: HardwareProfile, tokens: int = 1) -> float:
+    """Experts the link can move while the device computes ``tokens`` tokens (the cost model's
+    compute: every MoE layer's attention, overhead and top-k experts, and the leading dense
+    layers, at memory bandwidth): the most loads per token that prefetching, at ANY depth,
+    could take off the critical path. Where it is far below the loads per token, the link is
+    the bottleneck and only fewer loads speed up decode."""
+    bw_mem = profile.mem_GBps * 1e9
+    attn_s = shape.layer_dense_bytes() / bw_mem + profile.layer_overhead_us * 1e-6
+    dense_s = shape.dense_layers * (shape.layer_dense_bytes()
+                                    + 3 * shape.hidden * shape.dense_intermediate * shape.bytes_per_param) / bw_mem
+    per_token_s = shape.num_layers * (attn_s + shape.top_k * shape.expert_bytes / bw_mem) + dense_s
+    return tokens * per_token_s * profile.link_GBps * 1e9 / shape.expert_bytes
 
 
 def _min_per_call(calls, slots: int) -> list[tuple[int, int]]:
@@ -302,6 +324,11 @@ def assumptions(shape: ModelShape, profile: HardwareProfile, routing: str | None
         "wrong ones demoted at the router; MIN (bound) prices Belady's MIN loads",
         "a prediction for the layer about to run that waits for a slot the call frees (and the router confirms) is "
         "priced as a prefetch overlapping the attention",
+        f"overlap bound: while the device computes one token the link moves {overlap_bound(shape, profile):.2f} "
+        "experts, so a prefetch of any depth (a window of several layers or of the whole token) can hide at most "
+        "that many loads per token; a window wider than the layer's own attention is not priced",
+        "next-call (ceiling): the predictive policy told each layer's true next call as the call ends (perfect "
+        "next-token routing), no prefetch; not a predictor, the most better replacement gets from one token ahead",
         f"prefetch width: at most {prefetch_width(shape, profile)} experts per layer call (what the link moves during "
         f"the attention: {shape.expert_bytes / (profile.link_GBps * 1e9) * 1e3:.2f} ms per expert vs "
         f"{(shape.layer_dense_bytes() / (profile.mem_GBps * 1e9) + profile.layer_overhead_us * 1e-6) * 1e3:.3f} ms "
