@@ -345,7 +345,7 @@ class ExpertCache:
         self._inflight = 0                     # QUEUED + LOADING
         self._loading = 0
         self._queued_idle: dict[_Slot, None] = {}        # unpinned QUEUED prefetches, in queue order
-        self._protected: dict[int, set[_Slot]] = {}      # layer -> its protected prefetched slots
+        self._protected: dict[int, dict[_Slot, None]] = {}   # layer -> its protected prefetched slots (in order)
         self._pins_by_thread: dict[int, int] = {}
         self._pins = 0
         self._waiting = 0                                # threads waiting on _cond
@@ -390,7 +390,7 @@ class ExpertCache:
         return (self._thread is not None or self._deferred_mode) and not self._closed
 
     def prefetch(self, layer: int, experts, *, harm_limit: float | None = None,
-                 min_precision: float | None = None) -> int:
+                 min_precision: float | None = None, enter: bool = False) -> int:
         """Enqueue asynchronous loads of the non-resident ``experts`` of ``layer``.
 
         Never blocks on I/O. Never evicts pinned, in-flight or protected slots, nor experts
@@ -404,6 +404,9 @@ class ExpertCache:
         whose measured precision for this layer (``PredictivePolicy.precision``, scored by
         ``enter_layer(routed=)``) is at least ``min_precision`` are loaded - the rest wait for
         the router (what is worth a load).
+
+        ``enter``: first move execution to ``layer`` (:meth:`enter_layer` without ``routed``),
+        under the same lock.
         """
         layer = int(layer)
         req = list(dict.fromkeys(map(int, experts)))
@@ -411,23 +414,26 @@ class ExpertCache:
         issued = []
         cands = req
         with self._lock:
+            if enter:
+                self._advance_clock(layer)
             dist = self._layer_distance(layer)
             if self.policy == "predictive":
-                due = [self.strategy.hints.get(layer, {}).get(e) for e in req]
-                self.strategy.hint(layer, req, dist, self._table.get)
-                # an earlier hint (set_predicted) may be sooner than the layer distance
-                known = [d - self.strategy.clock for d in due if d is not None]
-                if known:
-                    dist = min(dist, max(0, min(known)))
+                strategy = self.strategy
+                hints = strategy.hints.get(layer)
+                due = [hints[e] for e in req if e in hints] if hints else None
+                strategy.hint(layer, req, dist, self._table.get)
+                if due:       # an earlier hint (set_predicted) may be sooner than the layer distance
+                    dist = min(dist, max(0, min(due) - strategy.clock))
                 if min_precision is not None:
-                    self.strategy.note_candidates(layer, req)
-                    cands, req = req, self.strategy.precise(layer, req, min_precision)
+                    strategy.note_candidates(layer, req)
+                    cands, req = req, strategy.precise(layer, req, min_precision)
             if harm_limit is not None:
                 dist = max(dist, harm_limit)
             if not self.prefetching:
                 return 0
             skip = protected = None
             table = self._table
+            strategy = self.strategy
             for e in req:
                 key = (layer, e)
                 slot = table.get(key)
@@ -437,15 +443,22 @@ class ExpertCache:
                     continue
                 if skip is None:
                     skip = {(layer, x) for x in cands}
-                # do no harm: evict only an expert predicted to be used later than this one
-                slot = self._free_or_victim(skip, demand=False, harm_limit=dist)
-                if slot is None:
-                    break
+                if self._free or len(self._slots) < self.num_slots:
+                    slot = self._unused_slot()
+                else:             # (_free_or_victim without its demand fallbacks)
+                    slot = strategy.victim(skip)
+                    if slot is None:
+                        break
+                    # do no harm: evict only an expert predicted to be used later than this one
+                    if strategy.next_use(slot) <= dist:
+                        strategy.add(slot)
+                        break
+                    self._evict_candidate(slot)
                 self._assign(slot, key, _QUEUED)
                 slot.prefetched = slot.protected = True
                 if protected is None:
-                    protected = self._protected.setdefault(layer, set())
-                protected.add(slot)
+                    protected = self._protected.setdefault(layer, {})
+                protected[slot] = None
                 self._queued_idle[slot] = None
                 self._tick += 1
                 slot.last_use = self._tick
@@ -520,7 +533,7 @@ class ExpertCache:
                     self._count_eviction(layer, evicted=0, cancelled=1)
                     self._free_slot(slot)
                 elif slot.state == _READY:           # (a load in flight keeps its protection until it lands)
-                    protected.discard(slot)
+                    protected.pop(slot, None)
                     slot.protected = False
                     slot.last_use = 0
                     self._settle(slot)
@@ -872,7 +885,7 @@ class ExpertCache:
     def _unprotect(self, slot: _Slot) -> None:
         if slot.protected:
             if slot.key is not None:
-                self._protected.get(slot.key[0], set()).discard(slot)
+                self._protected.get(slot.key[0], {}).pop(slot, None)
             slot.protected = False
 
     def _advance_clock(self, layer: int) -> None:

@@ -249,8 +249,7 @@ class ExpertEngine:
             if gate is None:
                 self.cache.prefetch(r.layer, experts)
             elif r.layer == layer:         # the layer about to run: the previous one is done; spare what it frees
-                self.cache.enter_layer(layer)
-                self.cache.prefetch(layer, experts, harm_limit=len(self.layers), min_precision=gate)
+                self.cache.prefetch(layer, experts, harm_limit=len(self.layers), min_precision=gate, enter=True)
             else:
                 self.cache.prefetch(r.layer, experts, min_precision=gate)
         if self._inline_prefetch:

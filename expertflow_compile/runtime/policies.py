@@ -54,6 +54,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from itertools import accumulate
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
@@ -277,9 +278,10 @@ class PredictivePolicy(Policy):
         self.estimate_unhinted = bool(estimate_unhinted)
         self.estimator = estimator
         self._last_run: dict[tuple[int, int], int] = {}     # run of its layer in which the expert was last used
-        # layer -> suffix sums of its histogram of reuse distances (in runs): [mass, weighted]
-        # of the distances >= s, per s (integers, kept exact as each reuse arrives)
-        self._reuse: dict[int, tuple[list[int], list[int]]] = {}
+        # layer -> [histogram of its reuse distances (in runs), their weights, suffix sums of
+        # both (mass and weight of the distances >= s, per s; integers) or None until asked]:
+        # a reuse is counted in O(1), the suffix sums rebuilt at the next question
+        self._reuse: dict[int, list] = {}
         self.clock = 0
         self._pos: dict[int, int] = {}
         self._n = 1
@@ -298,6 +300,7 @@ class PredictivePolicy(Policy):
         self._complete: dict[int, int] = {}       # layer -> due of a run predicted completely (see hint)
         self._listed: dict[int, list[int]] = {}     # layer -> its outstanding candidate list (best first)
         self._position: dict[int, list[list[int]]] = {}   # layer -> per list position [hits, seen]
+        self._best_key = None       # (slot, key) of _best's last pick when it computed the key
 
     def bind(self, layers) -> None:
         order = list(layers)
@@ -330,9 +333,13 @@ class PredictivePolicy(Policy):
         seen yet): ``1 / chance - 1`` with ``chance`` its share of its layer's runs."""
         layer = key[0]
         if self.estimator == "reuse":
-            sums = self._reuse.get(layer)
+            hist = self._reuse.get(layer)
             last = self._last_run.get(key)
-            if sums is not None and last is not None:
+            if hist is not None and last is not None:
+                sums = hist[2]
+                if sums is None:
+                    sums = hist[2] = (list(accumulate(reversed(hist[0])))[::-1],
+                                      list(accumulate(reversed(hist[1])))[::-1])
                 a = min(self._runs.get(layer, 0) - last, _REUSE_CAP)
                 return self._tail(sums, a) - a - 1.0
         chance = self._used.get(key, 0) / max(1, self._runs.get(layer, 0))
@@ -345,15 +352,13 @@ class PredictivePolicy(Policy):
         return weighted / mass if mass else 4.0 * _REUSE_CAP
 
     def _add_reuse(self, layer: int, distance: int) -> None:
-        sums = self._reuse.get(layer)
-        if sums is None:
-            sums = self._reuse[layer] = ([0] * (_REUSE_CAP + 3), [0] * (_REUSE_CAP + 3))
+        hist = self._reuse.get(layer)
+        if hist is None:
+            hist = self._reuse[layer] = [[0] * (_REUSE_CAP + 3), [0] * (_REUSE_CAP + 3), None]
         r = min(distance, _REUSE_CAP + 1)
-        w = r if r <= _REUSE_CAP else 2 * _REUSE_CAP
-        mass, weighted = sums
-        for i in range(1, r + 1):
-            mass[i] += 1
-            weighted[i] += w
+        hist[0][r] += 1
+        hist[1][r] += r if r <= _REUSE_CAP else 2 * _REUSE_CAP
+        hist[2] = None
 
     def _distance(self, key) -> float:
         """Estimated layer moves until an unhinted expert is used (inf: never)."""
@@ -377,6 +382,9 @@ class PredictivePolicy(Policy):
         return key[1] in self.hints.get(key[0], ())
 
     def next_use(self, slot) -> float:
+        best = self._best_key
+        if best is not None and best[0] is slot:   # the key _best just computed for its pick
+            return -best[1][0]
         return -self.key(slot)[0]
 
     # -- candidates
@@ -426,6 +434,7 @@ class PredictivePolicy(Policy):
             heapq.heapify(self._heads)
 
     def _best(self):
+        self._best_key = None
         e = self._never.top()
         if e is not None:
             return e[-1]
@@ -443,7 +452,9 @@ class PredictivePolicy(Policy):
         if u is None:
             return h[-1]
         hs, us = h[-1], u[-1]
-        return hs if self.key(hs) < self.key(us) else us
+        kh, ku = self.key(hs), self.key(us)
+        self._best_key = (hs, kh) if kh < ku else (us, ku)   # (valid until a key input changes)
+        return self._best_key[0]
 
     @property
     def candidates(self) -> int:
@@ -451,6 +462,7 @@ class PredictivePolicy(Policy):
 
     # -- events
     def on_use(self, key) -> None:
+        self._best_key = None
         layer = key[0]
         hints = self.hints.get(layer)
         if hints:
@@ -465,6 +477,7 @@ class PredictivePolicy(Policy):
             self._last_run[key] = run
 
     def on_enter_layer(self, layer: int, clock: int, lookup) -> None:
+        self._best_key = None
         prev_layer, prev = self._layer, self._here
         self._layer = layer
         dropped = self.hints.pop(prev_layer, None) if prev_layer is not None else None
@@ -543,6 +556,7 @@ class PredictivePolicy(Policy):
         """``complete``: ``experts`` are every candidate of that run of ``layer`` (a predictor's
         whole candidate list): the layer's other experts are expected to skip it, so their
         estimated next use moves a whole pass later (they become the preferred victims)."""
+        self._best_key = None
         due = self.clock + distance
         if complete and layer in self._pos and self._next_run.get(layer) == due:
             self._complete[layer] = due
