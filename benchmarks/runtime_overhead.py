@@ -15,6 +15,12 @@ same model, decoding the same tokens:
 * ``hf-resident``  ``model.compile(backend="eager")``: the HF model, every expert resident
 * ``ef-resident``  ``backend="expertflow"`` without a budget (our ops, every expert resident)
 * ``lru`` / ``lfu`` / ``predictive+lookahead`` at 12.5%, 25% and 50% expert budgets
+* (``--policies predictive+lookahead-exact``) the lookahead with its whole router chain
+  (``lookahead_ranking=False``) instead of the chain's ranking form
+
+Every setting of a run differs in its options: two models compiled with the same options in
+one process share Dynamo's graphs, and the second then makes no lookahead prediction (the
+README's limitation of a reused graph).
 
 Each setting: a 16-token prompt, 8 decode steps of warm-up (compiles, fills the cache),
 then ``--steps`` measured decode steps in segments of 8 (``--interleave``: every setting of
@@ -58,6 +64,8 @@ SHAPES = ("mixtral", "qwen3", "deepseek")
 SHAPE_NAMES = {"mixtral": "Mixtral-8x7B 32x8 top-2", "qwen3": "Qwen3-30B-A3B 48x128 top-8",
                "deepseek": "DeepSeek-V3 58x256 top-8"}
 POLICIES = (("lru", "none"), ("lfu", "none"), ("predictive", "lookahead"))
+# not run by default: predictive+lookahead with the whole router chain (lookahead_ranking=False)
+EXTRA_POLICIES = (("predictive", "lookahead-exact"),)
 VOCAB = 1024
 
 
@@ -146,6 +154,8 @@ def _compiled(base, name: str, budget: str | None, policy: str, predictor: str):
         model.compile(backend="eager")
     else:
         opts = {} if budget is None else {"expert_budget": budget, "policy": policy, "predictor": predictor}
+        if predictor == "lookahead-exact":
+            opts.update(predictor="lookahead", lookahead_ranking=False)
         model.compile(backend="expertflow", options=opts)
     return model
 
@@ -323,7 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="measured decode steps per setting")
     ap.add_argument("--no-cache-bench", action="store_true")
     ap.add_argument("--policies", default=",".join(p if q == "none" else f"{p}+{q}" for p, q in POLICIES),
-                    help="comma-separated settings: lru, lfu, predictive+lookahead")
+                    help="comma-separated settings: lru, lfu, predictive+lookahead, predictive+lookahead-exact "
+                    "(the lookahead with the whole router chain: lookahead_ranking=False)")
     ap.add_argument("--no-resident", action="store_true", help="leave out the two resident rows (logits are "
                     "then compared with the uncompiled model; --merge takes the ratios from another run's)")
     ap.add_argument("--interleave", action="store_true", help="compile every setting of a shape side by side "
@@ -353,7 +364,7 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown shapes {bad}; known: {', '.join(SHAPES)}")
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    known = {p if q == "none" else f"{p}+{q}": (p, q) for p, q in POLICIES}
+    known = {p if q == "none" else f"{p}+{q}": (p, q) for p, q in POLICIES + EXTRA_POLICIES}
     wanted = [x.strip() for x in args.policies.split(",") if x.strip()]
     if any(w not in known for w in wanted):
         ap.error(f"unknown policies {[w for w in wanted if w not in known]}; known: {', '.join(known)}")

@@ -27,6 +27,7 @@ def test_defaults_parse():
     ({"predictor_path": "/x"}, "predictor='path'"),
     ({"lookahead_depth": 0}, "int >= 1"),
     ({"verify": "yes"}, "True or False"),
+    ({"lookahead_ranking": 1}, "True or False"),
     ({"inner_backend": "tvm"}, "'inductor'"),
     ({"predictor": "path"}, "predictor_path"),
 ])

@@ -102,3 +102,17 @@ def test_every_moe_layer_gets_a_lookahead_router(family):
             full, fast = fn(h, *params).reshape(64, -1), ranker(h)
         k = engine.layers[layer].top_k
         assert (full.topk(k).indices == fast.topk(k).indices).all(-1).float().mean() > 0.95
+
+
+def test_lookahead_ranking_off_runs_the_whole_router_chain():
+    """``lookahead_ranking=False``: no ranking router; the lookahead still predicts (from the
+    whole chain), the same tokens."""
+    model = build_tiny_model("qwen3_moe", seed=2)
+    x = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref = model.generate(x, max_new_tokens=4, do_sample=False)
+    model.compile(backend="expertflow", options={"expert_budget": "50%", "predictor": "lookahead",
+                                                 "lookahead_ranking": False})
+    assert torch.equal(model.generate(x, max_new_tokens=4, do_sample=False), ref)
+    (engine,) = engines_for_module(model)
+    assert engine.rankers == {} and set(engine.routers) == set(engine.layers)
+    assert ef.stats(model)["prefetch_issued"] > 0

@@ -163,8 +163,8 @@ class ExpertEngine:
         if isinstance(fn, torch.nn.Module) and not (fn._forward_hooks or fn._forward_pre_hooks):
             fn = fn.forward
         self.routers[layer] = (fn, params)
-        ranker = None if ranking is None else RankingRouter.build(params, ranking.weight, ranking.scale,
-                                                                  ranking.hidden)
+        ranker = None if ranking is None or not self.config.lookahead_ranking else RankingRouter.build(
+            params, ranking.weight, ranking.scale, ranking.hidden)
         if ranker is None:
             self.rankers.pop(layer, None)
         else:
