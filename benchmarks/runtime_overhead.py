@@ -31,6 +31,10 @@ segments of wall and CPU ms/token (the CPU time of the process, all threads: les
 sensitive to other load on a shared machine), the ratio to both resident rows, loads per
 expert use, and whether every measured step's logits equal ``ef-resident``'s (max |diff|).
 
+With ``--path-bench``, the cache's side of one layer call at Qwen3-30B-A3B's shape, step by
+step (:func:`path_rows`: LRU; the predictive policy alone; + the lookahead's candidates as
+hints; + the engine's own-layer prefetch): what each part of ``predictive+lookahead`` costs.
+
 Then the cache alone (``ExpertCache`` over 1-byte experts, no model, prefetch off, uniform
 random routing, batched layer calls): per-use cost at 64 slots (8 layers x 32 experts,
 top-8, 25%) and at 3,712 slots (58 x 256, top-8, 25%: DeepSeek-V3's shape), same per-call
@@ -297,6 +301,69 @@ def cache_rows(repeats: int = 5) -> list[dict]:
     return out
 
 
+PATH_STEPS = (
+    ("lru", "LRU: acquire + release"),
+    ("predictive", "predictive policy, no predictions"),
+    ("predictive+hints", "+ the candidates as hints (set_predicted), no prefetch"),
+    ("predictive+prefetch", "+ the engine's prefetch of the own layer (gate, do no harm, read at the op)"),
+)
+
+
+def path_rows(repeats: int = 3, passes: int = 40) -> list[dict]:
+    """The cache's side of one MoE layer call at Qwen3-30B-A3B's shape (48 x 128, top-8, 25%),
+    no model, in the steps the engine adds for ``predictive+lookahead``: CPU us per layer call.
+    A candidate list is the router's 8 plus 2 others (what the benchmark's lookahead sees),
+    routing uniform; best of ``repeats`` after a filling pass."""
+    from expertflow_compile.runtime.cache import ExpertCache
+    from expertflow_compile.tools.replay import ByteStore
+
+    layers, experts, top_k = 48, 128, 8
+    g = torch.Generator().manual_seed(0)
+    calls = []
+    for _ in range(passes):
+        for layer in range(layers):
+            p = torch.randperm(experts, generator=g)[:top_k + 2].tolist()
+            calls.append((layer, p, sorted(p[:top_k])))
+    out = []
+    for step, what in PATH_STEPS:
+        cache = ExpertCache(ByteStore(dict.fromkeys(range(layers), experts)), layers * experts // 4,
+                            policy=step.split("+")[0], prefetch="deferred")
+        best = None
+        for r in range(repeats + 1):
+            cache.stats.reset()
+            t0 = time.process_time()
+            for layer, cands, routed in calls:
+                if step == "predictive+hints":
+                    cache.enter_layer(layer)
+                    cache.set_predicted(layer, cands, 0)
+                    cache.enter_layer(layer, routed=routed)
+                elif step == "predictive+prefetch":    # ExpertEngine._prefetch_ranked, then _experts
+                    cache.prefetch(layer, cands, harm_limit=layers, min_precision=0.95, enter=True)
+                    cache.run_prefetches()
+                    cache.enter_layer(layer, routed=routed)
+                lease = cache.acquire_layer(layer, routed)
+                lease.wait_all()
+                lease.release()
+            dt = time.process_time() - t0
+            st = cache.stats.as_dict()
+            if r and (best is None or dt < best[0]):
+                best = (dt, st["loads"] / st["uses"], st["ready_rate"])
+        cache.close()
+        out.append({"step": step, "what": what, "us_per_call": 1e6 * best[0] / len(calls),
+                    "loads_per_use": best[1], "ready_rate": best[2]})
+    return out
+
+
+def format_path(prow: list[dict]) -> str:
+    lines = ["| layer call, cache side (48x128 top-8, 25%) | CPU us per layer call | x LRU | loads/use | ready rate |",
+             "|---|---|---|---|---|"]
+    base = prow[0]["us_per_call"] if prow else 1.0
+    for p in prow:
+        lines.append(f"| {p['what']} | {p['us_per_call']:.1f} | {p['us_per_call'] / base:.2f}x | "
+                     f"{p['loads_per_use']:.2f} | {p['ready_rate']:.2f} |")
+    return "\n".join(lines)
+
+
 def format_tables(rows: list[dict], crows: list[dict]) -> str:
     lines = ["| shape | budget | setting | ms/token wall | ms/token CPU | x hf-resident (wall / CPU) | "
              "x ef-resident (wall / CPU) | loads/use | resident rate | logits vs ef-resident |",
@@ -332,6 +399,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="12.5%,25%,50%")
     ap.add_argument("--steps", type=int, default=32, help="measured decode steps per setting")
     ap.add_argument("--no-cache-bench", action="store_true")
+    ap.add_argument("--path-bench", action="store_true", help="also the cache's side of a layer call at "
+                    "Qwen3-30B-A3B's shape, step by step (LRU, predictive policy, + hints, + prefetch)")
     ap.add_argument("--policies", default=",".join(p if q == "none" else f"{p}+{q}" for p, q in POLICIES),
                     help="comma-separated settings: lru, lfu, predictive+lookahead, predictive+lookahead-exact "
                     "(the lookahead with the whole router chain: lookahead_ranking=False)")
@@ -371,10 +440,10 @@ def main(argv=None) -> int:
     policies = [known[w] for w in wanted]
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
 
-    def save(rows, crows=(), partial=True):    # after every setting: a run cut short keeps its rows
+    def save(rows, crows=(), partial=True, prow=()):    # after every setting: a run cut short keeps its rows
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "cache": list(crows), "steps": args.steps, "budgets": budgets,
-                       "partial": partial}, f, indent=1)
+            json.dump({"rows": rows, "cache": list(crows), "path": list(prow), "steps": args.steps,
+                       "budgets": budgets, "partial": partial}, f, indent=1)
 
     t0 = time.perf_counter()
     rows = []
@@ -383,10 +452,13 @@ def main(argv=None) -> int:
         rows += model_rows(shape, budgets, args.steps, policies=policies, resident=not args.no_resident,
                            on_row=lambda r, done=done: save(done + r), interleave=args.interleave)
     crows = [] if args.no_cache_bench else cache_rows()
+    prow = path_rows() if args.path_bench else []
     print(f"\nruntime overhead, CPU, 1 thread, {args.steps} measured decode steps per setting "
           f"({time.perf_counter() - t0:.0f} s in all)")
     print(format_tables(rows, crows))
-    save(rows, crows, partial=False)
+    if prow:
+        print("\n" + format_path(prow))
+    save(rows, crows, partial=False, prow=prow)
     print(f"wrote {args.json}")
     return 0
 
