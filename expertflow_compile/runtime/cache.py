@@ -433,7 +433,6 @@ class ExpertCache:
                 return 0
             skip = protected = None
             table = self._table
-            strategy = self.strategy
             for e in req:
                 key = (layer, e)
                 slot = table.get(key)
@@ -443,17 +442,10 @@ class ExpertCache:
                     continue
                 if skip is None:
                     skip = {(layer, x) for x in cands}
-                if self._free or len(self._slots) < self.num_slots:
-                    slot = self._unused_slot()
-                else:             # (_free_or_victim without its demand fallbacks)
-                    slot = strategy.victim(skip)
-                    if slot is None:
-                        break
-                    # do no harm: evict only an expert predicted to be used later than this one
-                    if strategy.next_use(slot) <= dist:
-                        strategy.add(slot)
-                        break
-                    self._evict_candidate(slot)
+                # do no harm: evict only an expert predicted to be used later than this one
+                slot = self._free_or_victim(skip, demand=False, harm_limit=dist)
+                if slot is None:
+                    break
                 self._assign(slot, key, _QUEUED)
                 slot.prefetched = slot.protected = True
                 if protected is None:

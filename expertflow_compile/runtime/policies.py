@@ -300,7 +300,6 @@ class PredictivePolicy(Policy):
         self._complete: dict[int, int] = {}       # layer -> due of a run predicted completely (see hint)
         self._listed: dict[int, list[int]] = {}     # layer -> its outstanding candidate list (best first)
         self._position: dict[int, list[list[int]]] = {}   # layer -> per list position [hits, seen]
-        self._best_key = None       # (slot, key) of _best's last pick when it computed the key
 
     def bind(self, layers) -> None:
         order = list(layers)
@@ -382,9 +381,6 @@ class PredictivePolicy(Policy):
         return key[1] in self.hints.get(key[0], ())
 
     def next_use(self, slot) -> float:
-        best = self._best_key
-        if best is not None and best[0] is slot:   # the key _best just computed for its pick
-            return -best[1][0]
         return -self.key(slot)[0]
 
     # -- candidates
@@ -434,7 +430,6 @@ class PredictivePolicy(Policy):
             heapq.heapify(self._heads)
 
     def _best(self):
-        self._best_key = None
         e = self._never.top()
         if e is not None:
             return e[-1]
@@ -452,9 +447,7 @@ class PredictivePolicy(Policy):
         if u is None:
             return h[-1]
         hs, us = h[-1], u[-1]
-        kh, ku = self.key(hs), self.key(us)
-        self._best_key = (hs, kh) if kh < ku else (us, ku)   # (valid until a key input changes)
-        return self._best_key[0]
+        return hs if self.key(hs) < self.key(us) else us
 
     @property
     def candidates(self) -> int:
@@ -462,7 +455,6 @@ class PredictivePolicy(Policy):
 
     # -- events
     def on_use(self, key) -> None:
-        self._best_key = None
         layer = key[0]
         hints = self.hints.get(layer)
         if hints:
@@ -477,7 +469,6 @@ class PredictivePolicy(Policy):
             self._last_run[key] = run
 
     def on_enter_layer(self, layer: int, clock: int, lookup) -> None:
-        self._best_key = None
         prev_layer, prev = self._layer, self._here
         self._layer = layer
         dropped = self.hints.pop(prev_layer, None) if prev_layer is not None else None
@@ -556,7 +547,6 @@ class PredictivePolicy(Policy):
         """``complete``: ``experts`` are every candidate of that run of ``layer`` (a predictor's
         whole candidate list): the layer's other experts are expected to skip it, so their
         estimated next use moves a whole pass later (they become the preferred victims)."""
-        self._best_key = None
         due = self.clock + distance
         if complete and layer in self._pos and self._next_run.get(layer) == due:
             self._complete[layer] = due
